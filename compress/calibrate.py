@@ -1,0 +1,179 @@
+"""The layer-by-layer calibration engine.
+
+Capture the inputs of the first decoder layer, then for each layer in turn: move it to
+the compute device, let every stage collect statistics through hooks and rewrite it,
+run the rewritten layer to produce the next layer's inputs, and move it back. Memory on
+the device is one decoder layer plus one layer's activations, not the whole model.
+
+The engine knows nothing of any algorithm: a stage is anything with
+``apply_layer(ctx: LayerContext)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from compress.arch import Arch, decoder_layers, get_module
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """What a decoder layer receives: hidden states per batch and the other arguments."""
+
+    hidden: list[Tensor]
+    kwargs: list[dict]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, arch: Arch, windows: Tensor, batch_size: int, device: torch.device | str
+) -> LayerInputs:
+    """Run the model up to its first decoder layer on every batch of ``windows``."""
+    layers = decoder_layers(model, arch)
+    first = layers[0]
+    hidden: list[Tensor] = []
+    kwargs: list[dict] = []
+
+    class Catcher(nn.Module):
+        def __init__(self, wrapped: nn.Module):
+            super().__init__()
+            self.wrapped = wrapped
+            # Attributes transformers reads from a layer while building its inputs.
+            self.attention_type = getattr(wrapped, "attention_type", "full_attention")
+
+        def forward(self, hidden_states, *args, **kw):
+            hidden.append(hidden_states)
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache", "use_cache")}
+            kwargs.append(kw)
+            raise _StopForward
+
+    # Only the parts before the first layer need to be on the device.
+    pre = [get_module(model, arch.embed_path)]
+    with contextlib.suppress(AttributeError):
+        pre.append(get_module(model, arch.rotary_path))
+    for m in pre:
+        m.to(device)
+    layers[0] = Catcher(first)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = first
+    return LayerInputs(hidden, kwargs)
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer under calibration, handed to each stage in turn."""
+
+    index: int
+    name: str  # e.g. "model.layers.3"
+    layer: nn.Module
+    arch: Arch
+    config: object
+    inputs: LayerInputs
+    device: torch.device
+    model: nn.Module | None = None
+    log: list[str] = field(default_factory=list)
+
+    def submodule(self, name: str) -> nn.Module:
+        return get_module(self.layer, name)
+
+    @torch.no_grad()
+    def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True) -> list[Tensor]:
+        """Run the layer on every input batch, with forward hooks on named submodules."""
+        outputs = []
+        with self.hooked(hooks or {}):
+            for h, kw in zip(self.inputs.hidden, self.inputs.kwargs, strict=True):
+                out = _first(self.layer(h, **kw))
+                if keep_outputs:
+                    outputs.append(out)
+        return outputs
+
+    @contextlib.contextmanager
+    def hooked(self, hooks: dict[str, Callable]) -> Iterator[None]:
+        handles = [self.submodule(n).register_forward_hook(fn) for n, fn in hooks.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+class LayerStage(Protocol):
+    name: str
+
+    def apply_layer(self, ctx: LayerContext) -> None: ...
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    arch: Arch,
+    windows: Tensor,
+    stages: list[LayerStage],
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+    start_layer: int = 0,
+    inputs: LayerInputs | None = None,
+    on_layer_done: Callable[[int, LayerInputs], None] | None = None,
+) -> LayerInputs:
+    """Apply ``stages`` to each decoder layer in turn; returns the last layer's outputs.
+
+    ``start_layer`` and ``inputs`` resume a run whose earlier layers are already done.
+    """
+    device = torch.device(device)
+    layers = decoder_layers(model, arch)
+    home = next(model.parameters()).device
+    if inputs is None:
+        inputs = capture_layer_inputs(model, arch, windows, batch_size, device)
+    bar = tqdm(range(start_layer, len(layers)), desc="layers", disable=not progress, unit="layer")
+    for i in bar:
+        layer = layers[i].to(device)
+        ctx = LayerContext(i, f"{arch.layers_path}.{i}", layer, arch, model.config, inputs, device, model)
+        for stage in stages:
+            bar.set_postfix_str(stage.name)
+            stage.apply_layer(ctx)
+        # The compressed layer's outputs feed the next layer.
+        outputs = ctx.forward()
+        inputs = LayerInputs(outputs, inputs.kwargs)
+        layers[i].to(home)
+        if on_layer_done is not None:
+            on_layer_done(i, inputs)
+    return inputs

@@ -1,0 +1,195 @@
+"""The ``compress`` command. Orchestration only: every user error is one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input, not a bug: reported in one line."""
+    from compress.arch import UnsupportedArchitecture
+    from compress.assets import AssetError
+    from compress.data import DataError
+    from compress.models import ModelLoadError
+    from compress.pipeline import OutputExists
+    from compress.recipe import RecipeError
+
+    errors: list[type[BaseException]] = [
+        RecipeError, ModelLoadError, DataError, UnsupportedArchitecture, OutputExists, AssetError,
+        FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+    ]
+    try:
+        from compress.export import CheckpointError
+
+        errors.append(CheckpointError)
+    except ImportError:
+        pass
+    try:
+        from compress.runtime.errors import RuntimeInputError
+
+        errors.append(RuntimeInputError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from compress import pipeline, recipe
+
+    r = recipe.load(args.recipe)
+    if args.device:
+        r.device = args.device
+    result = pipeline.run(r, args.output, overwrite=args.overwrite, progress=not args.quiet)
+    out = Path(args.output) if args.output else r.output_dir()
+    ev = result.get("evaluation") or {}
+    parts = [f"done: {out}/report.md"]
+    if ev.get("before"):
+        parts.append(f"perplexity before {ev['before']['perplexity']:.3f}")
+    if ev.get("after"):
+        parts.append(f"after {ev['after']['perplexity']:.3f}")
+    print(", ".join(parts))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from compress import data, evaluate, models, pipeline
+
+    device = pipeline.resolve_device(args.device)
+    loaded = models.load(args.model, args.dtype, device, args.trust_remote_code)
+    result: dict = {"model": args.model}
+    if not args.tasks or args.perplexity:
+        corpus = data.load_corpus(args.data, args.eval_fraction, args.text_field)
+        windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, args.seq_len, args.max_windows)
+        ppl = evaluate.perplexity(loaded.model, windows, args.batch_size, device, not args.quiet)
+        result["perplexity"] = {**ppl, **corpus.describe(), "bos": data.bos_id(loaded.tokenizer) is not None}
+    if args.tasks:
+        from compress import lm_eval_adapter
+
+        result["lm_eval"] = lm_eval_adapter.run_tasks(
+            loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size
+        )
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        if "perplexity" in result:
+            p = result["perplexity"]
+            print(
+                f"perplexity {p['perplexity']:.4f} on {p['windows']} windows × {p['seq_len']} tokens "
+                f"({p['tokens_scored']} scored) of the evaluation split of {p['source']}"
+            )
+        for task, metrics in (result.get("lm_eval") or {}).items():
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from compress import export
+
+    return export.inspect_cli(args.checkpoint, verify=not args.no_verify)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from compress.runtime import cli as runtime_cli
+
+    return runtime_cli.generate(args)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from compress import assets, models
+
+    print(f"model: {models.embedded_model_dir()}")
+    print(f"corpus: {assets.embedded_corpus()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compress",
+        description="Offline compression of causal LMs (RTN, GPTQ, AWQ, MHA→GQA) with evaluation, "
+        "export to GPTQ / compressed-tensors safetensors, and a small int4 runtime.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (and tracebacks on errors)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: calibrate, compress, evaluate, export, report")
+    run.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    run.add_argument("--output", "-o", help="output folder (default: the recipe's export.output)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--device", help="override the recipe's device (auto, cpu, cuda)")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or exported checkpoint")
+    ev.add_argument("model", help="model folder, .gguf, .safetensors, hub id, checkpoint, or 'smollm2'")
+    ev.add_argument("--data", default="wiki", help="text source (default: the embedded corpus 'wiki')")
+    ev.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet")
+    ev.add_argument("--eval-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows only")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (local ones in eval/tasks)")
+    ev.add_argument("--perplexity", action="store_true", help="also perplexity when --tasks is given")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--quiet", "-q", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    ins = sub.add_parser("inspect", help="describe an exported checkpoint and verify its checksums")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    ins.set_defaults(func=cmd_inspect)
+
+    gen = sub.add_parser("generate", help="generate text with the bundled runtime")
+    gen.add_argument("checkpoint", help="exported checkpoint folder (int4 or float)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template if the tokenizer has one")
+    gen.add_argument("--draft", help="speculative decoding: a draft checkpoint or 'prompt-lookup'")
+    gen.add_argument("--speculate-k", type=int, default=4)
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--backend", default="auto", help="int4 back end: auto, kernel or reference")
+    gen.set_defaults(func=cmd_generate)
+
+    fetch = sub.add_parser("fetch", help="download the embedded model and corpus into the cache")
+    fetch.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("compress: interrupted; no output was left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except user_errors() as e:
+        if args.verbose:
+            raise
+        print(f"compress: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quantization: the shared integer math (int4) and one module per algorithm."""

@@ -1,0 +1,43 @@
+"""What every quantizing stage shares: which linears it targets and where records go."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from fnmatch import fnmatch
+
+from torch import Tensor, nn
+
+from compress.calibrate import LayerContext
+from compress.quant.int4 import QuantArgs, QuantizedWeight
+
+
+def is_ignored(name: str, patterns: list[str]) -> bool:
+    """True if ``name`` (a full module name) matches a pattern, or its last parts do."""
+    return any(fnmatch(name, p) or fnmatch(name, f"*.{p}") or name.endswith("." + p) for p in patterns)
+
+
+class QuantizingStage:
+    """Base of RTN and GPTQ: quantizes the linears of each layer, keeps their records."""
+
+    name = "quantize"
+    needs_calibration = True
+
+    def __init__(self, args: QuantArgs, ignore: list[str] | None = None):
+        self.args = args
+        self.ignore = list(ignore or [])
+        self.quantized: dict[str, QuantizedWeight] = {}
+
+    def targets(self, ctx: LayerContext, names: tuple[str, ...] | None = None) -> Iterator[tuple[str, nn.Linear]]:
+        for short in names or ctx.arch.linears:
+            full = f"{ctx.name}.{short}"
+            if not is_ignored(full, self.ignore):
+                yield short, ctx.submodule(short)
+
+    def record(self, full_name: str, module: nn.Linear, qw: QuantizedWeight) -> None:
+        """Keep the record and put the weights it stands for into the model."""
+        self.quantized[full_name] = qw
+        module.weight.data = dequantized_like(qw, module.weight)
+
+
+def dequantized_like(qw: QuantizedWeight, weight: Tensor) -> Tensor:
+    return qw.dequantize(weight.dtype).to(weight.device)

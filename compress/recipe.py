@@ -1,0 +1,221 @@
+"""Recipes: the YAML a user writes, validated into typed objects.
+
+A recipe names a model, a text source, stages applied in order, evaluation and export.
+Unknown keys and wrong types are rejected with the path of the bad field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message is one line naming the problem."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class CalibrationData(Strict):
+    samples: int = Field(128, ge=1, description="number of calibration windows")
+    seq_len: int = Field(512, ge=8, description="tokens per calibration window")
+
+
+class EvaluationData(Strict):
+    seq_len: int = Field(512, ge=8)
+    max_windows: int | None = Field(
+        None, ge=1, description="evaluate on the first N windows only (None: the whole split)"
+    )
+
+
+class DataConfig(Strict):
+    source: str = Field("wiki", description="'wiki' (embedded corpus), a local file, or hub:NAME[:CONFIG]")
+    text_field: str = "text"
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of documents held out for evaluation")
+    calibration: CalibrationData = CalibrationData()
+    evaluation: EvaluationData = EvaluationData()
+
+
+class QuantStage(Strict):
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, description="-1 for one group per output row")
+    symmetric: bool = True
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="fnmatch patterns of linear names left in float",
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and (v < 8 or v % 8):
+            raise ValueError("must be -1 or a positive multiple of 8")
+        return v
+
+
+class RTNStage(QuantStage):
+    type: Literal["rtn"]
+
+
+class GPTQStage(QuantStage):
+    type: Literal["gptq"]
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    act_order: Literal["none", "static", "g_idx"] = "static"
+    mse: bool = Field(False, description="search a clipped range per group minimizing quantization error")
+    true_sequential: bool = True
+
+
+class AWQStage(Strict):
+    type: Literal["awq"]
+    # Quantizer the search simulates; unset fields come from the next quantizing stage.
+    bits: int | None = Field(None, ge=2, le=8)
+    group_size: int | None = None
+    symmetric: bool | None = None
+    grid: int = Field(20, ge=1)
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = Field(20, ge=1)
+    max_shrink: float = Field(0.5, gt=0, lt=1)
+    gqa_aware_vo: bool = Field(True, description="also scale v→o when KV heads are grouped")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+
+class GQAStage(Strict):
+    type: Literal["gqa"]
+    num_key_value_heads: int = Field(ge=1)
+    pooling: Literal["mean", "fit"] = "mean"
+    grouping: Literal["contiguous", "similarity"] = "contiguous"
+
+
+class DropLayersStage(Strict):
+    """Keep ``keep`` decoder layers (chosen on calibration data): used to build drafts."""
+
+    type: Literal["drop_layers"]
+    keep: int = Field(ge=1)
+
+
+Stage = Annotated[
+    RTNStage | GPTQStage | AWQStage | GQAStage | DropLayersStage, Field(discriminator="type")
+]
+QUANTIZING = (RTNStage, GPTQStage)
+
+
+class LMEvalConfig(Strict):
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+
+
+class EvalConfig(Strict):
+    perplexity: bool = True
+    before: bool = Field(True, description="also evaluate the model before compression")
+    lm_eval: LMEvalConfig = LMEvalConfig()
+
+
+class ExportConfig(Strict):
+    format: Literal["gptq", "compressed-tensors", "float", "none"] = "gptq"
+    output: str | None = Field(None, description="output folder (default outputs/<recipe name>)")
+    max_shard_size: str = "2GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = "smollm2"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+    trust_remote_code: bool = False
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    data: DataConfig = DataConfig()
+    stages: list[Stage] = Field(default_factory=list)
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Recipe:
+        for i, stage in enumerate(self.stages):
+            if isinstance(stage, AWQStage):
+                following = next((s for s in self.stages[i + 1 :] if isinstance(s, QUANTIZING)), None)
+                for name in ("bits", "group_size", "symmetric"):
+                    if getattr(stage, name) is None:
+                        if following is None:
+                            raise ValueError(
+                                f"stages.{i}.{name}: awq needs it, or a quantizing stage (rtn, gptq) after it"
+                            )
+                        setattr(stage, name, getattr(following, name))
+        quantizing = [s for s in self.stages if isinstance(s, QUANTIZING)]
+        if len(quantizing) > 1:
+            raise ValueError("stages: at most one quantizing stage (rtn or gptq)")
+        if self.export.format in ("gptq", "compressed-tensors") and not quantizing:
+            raise ValueError(f"export.format: '{self.export.format}' needs a quantizing stage (rtn or gptq)")
+        return self
+
+    @property
+    def quant_stage(self) -> RTNStage | GPTQStage | None:
+        return next((s for s in self.stages if isinstance(s, QUANTIZING)), None)
+
+    def output_dir(self) -> Path:
+        return Path(self.export.output or f"outputs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            number = t[: -len(unit)].strip()
+            try:
+                value = float(number)
+            except ValueError:
+                break
+            if value <= 0:
+                break
+            return int(value * factor)
+    raise ValueError(f"not a size: '{text}' (examples: 500MB, 2GB)")
+
+
+def _format_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _STAGE_TAGS))
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"{loc or 'recipe'}: {msg}{more}"
+
+
+_STAGE_TAGS = {"rtn", "gptq", "awq", "gqa", "drop_layers"}
+
+
+def parse(data: object, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe must be a mapping of keys to values")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{origin}: {_format_error(e)}") from None
+
+
+def load(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"{path}: not valid YAML ({first})") from None
+    return parse(data, str(path))
