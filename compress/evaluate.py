@@ -33,10 +33,13 @@ def perplexity(
     device = device or next(model.parameters()).device
     total = 0.0
     tokens = 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):
+    bar = tqdm(total=windows.shape[0], desc=desc, disable=not progress, unit="window")
+    for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         total += window_nll(model, batch).sum().item()
         tokens += batch.shape[0] * (batch.shape[1] - 1)
+        bar.update(batch.shape[0])
+    bar.close()
     mean = total / tokens
     return {
         "perplexity": math.exp(mean),
