@@ -158,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template if the tokenizer has one")
+    gen.add_argument(
+        "--chat", action=argparse.BooleanOptionalAction, default=True,
+        help="apply the chat template if the tokenizer has one",
+    )
     gen.add_argument("--draft", help="speculative decoding: a draft checkpoint or 'prompt-lookup'")
     gen.add_argument("--speculate-k", type=int, default=4)
     gen.add_argument("--device", default="auto")

@@ -134,7 +134,9 @@ def load(
                 src, dtype=torch_dtype, local_files_only=offline, **kwargs
             )
         except OSError as e:
-            why = "offline (HF_HUB_OFFLINE is set) and not in the local hub cache" if offline else str(e).splitlines()[0]
+            why = (
+                "offline (HF_HUB_OFFLINE is set) and not in the local hub cache" if offline else str(e).splitlines()[0]
+            )
             raise ModelLoadError(f"could not load hub model '{src}': {why}") from e
     arch = arch_for_model_type(getattr(model.config, "model_type", "unknown"))
     model.eval().requires_grad_(False)
@@ -164,7 +166,9 @@ def _load_folder(path: Path, dtype: torch.dtype, kwargs: dict, weights: Path | N
             missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
             missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
             if missing or unexpected:
-                raise ModelLoadError(f"{weights}: tensors do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+                raise ModelLoadError(
+                    f"{weights}: tensors do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
             model.tie_weights()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)

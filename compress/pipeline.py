@@ -53,7 +53,7 @@ def weight_bytes(model: torch.nn.Module, quantized: dict) -> tuple[int, int]:
         params.setdefault(p.data_ptr(), (name, p.numel()))
     total16 = sum(n for _, n in params.values()) * 2
     after = total16
-    for name, qw in quantized.items():
+    for qw in quantized.values():
         after += qw.nbytes_packed() - qw.codes.numel() * 2
     return total16, after
 
@@ -184,7 +184,10 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool) -> dict:
         "recipe_yaml": recipe.to_yaml(),
         "model": model_info,
         "device": str(device),
-        "stages": [{"type": s.name, "summary": _summary(e), "seconds": b.seconds} for e, b in zip(recipe.stages, built, strict=True)],
+        "stages": [
+            {"type": b.name, "summary": _summary(e), "seconds": b.seconds}
+            for e, b in zip(recipe.stages, built, strict=True)
+        ],
         "evaluation": evaluation,
         "size": {
             "weights_16bit": w16,

@@ -44,11 +44,12 @@ def to_markdown(r: dict) -> str:
                 lines.append(f"| {label} | {_ppl(e)} | {e['windows']} × {e['seq_len']} | {e['tokens_scored']} |")
         if before and after:
             lines += ["", f"Change: {after['perplexity'] / before['perplexity'] - 1:+.2%}."]
+        bos_note = "each window starts with BOS" if ev.get("bos") else "the tokenizer adds no BOS, none inserted"
         lines += [
             "",
             f"Evaluation split of `{ev['data']['source']}` ({ev['data']['evaluation_documents']} documents, never "
             f"used for calibration); documents joined with blank lines, tokenized once, non-overlapping windows, "
-            f"tail dropped; {'each window starts with BOS' if ev.get('bos') else 'the tokenizer adds no BOS, none inserted'}.",
+            f"tail dropped; {bos_note}.",
             "",
         ]
     else:

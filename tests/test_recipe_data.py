@@ -60,7 +60,7 @@ def test_split_is_deterministic_and_disjoint():
     assert len(cal) + len(ev) == len(docs)
     assert 20 < len(ev) < 90
     # Independent of order.
-    cal2, ev2 = D.split_documents(list(reversed(docs)), 0.1)
+    _cal2, ev2 = D.split_documents(list(reversed(docs)), 0.1)
     assert set(ev2) == set(ev)
 
 
