@@ -33,6 +33,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from compress.lm_eval_adapter import LMEvalError
+
+        errors.append(LMEvalError)
+    except ImportError:
+        pass
+    try:
         from compress.runtime.errors import RuntimeInputError
 
         errors.append(RuntimeInputError)
@@ -63,6 +69,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compress import data, evaluate, models, pipeline
 
     device = pipeline.resolve_device(args.device)
+    if args.tasks:
+        from compress import lm_eval_adapter
+
+        lm_eval_adapter.check_offline(args.tasks)  # before the slow model load
     loaded = models.load(args.model, args.dtype, device, args.trust_remote_code)
     result: dict = {"model": args.model}
     if not args.tasks or args.perplexity:
@@ -71,10 +81,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl = evaluate.perplexity(loaded.model, windows, args.batch_size, device, not args.quiet)
         result["perplexity"] = {**ppl, **corpus.describe(), "bos": data.bos_id(loaded.tokenizer) is not None}
     if args.tasks:
-        from compress import lm_eval_adapter
-
         result["lm_eval"] = lm_eval_adapter.run_tasks(
-            loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size
+            loaded,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=device,
+            num_fewshot=args.num_fewshot,
+            data=args.data,
+            eval_fraction=args.eval_fraction,
+            text_field=args.text_field,
+            seed=args.seed,
         )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -86,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"({p['tokens_scored']} scored) of the evaluation split of {p['source']}"
             )
         for task, metrics in (result.get("lm_eval") or {}).items():
-            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr")))
     return 0
 
 
@@ -138,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (local ones in eval/tasks)")
     ev.add_argument("--perplexity", action="store_true", help="also perplexity when --tasks is given")
     ev.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (task default)")
+    ev.add_argument("--seed", type=int, default=0, help="lm-eval: seed of sampling and of the local tasks")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="auto")
     ev.add_argument("--trust-remote-code", action="store_true")
