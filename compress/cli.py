@@ -107,6 +107,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from compress import compare
+
+    protocol = compare.Protocol(
+        model=args.model,
+        device=args.device,
+        eval_seq_len=args.seq_len,
+        eval_max_windows=args.max_windows,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        tasks=compare_tasks(args.tasks),
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    doc = compare.compare(args.recipes, args.out, protocol, command=command, progress=not args.quiet, log=log)
+    out = doc["output"]
+    print(f"done: {out}.md, {out}.json, {out}.png ({len(doc['rows'])} rows)")
+    return 0
+
+
+def compare_tasks(tasks: list[str] | None) -> list[str]:
+    from compress.lm_eval_adapter import split_task_names
+
+    return split_task_names(tasks or [])
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from compress import export
 
@@ -163,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--quiet", "-q", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare", help="run several recipes under one protocol: results table (.md, .json) and plot (.png)"
+    )
+    cmp.add_argument("recipes", nargs="+", help="recipe YAML files; a float baseline row is added")
+    cmp.add_argument("--out", "-o", help="output path without suffix (default eval/results/<model>)")
+    cmp.add_argument("--model", help="model for every row (default: the first recipe's)")
+    cmp.add_argument("--seq-len", type=int, help="perplexity window length for every row")
+    cmp.add_argument("--max-windows", type=int, help="perplexity windows for every row")
+    cmp.add_argument("--calib-samples", type=int, help="calibration windows for every row")
+    cmp.add_argument("--calib-seq-len", type=int, help="calibration window length for every row")
+    cmp.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks for every row (local: compress_local)")
+    cmp.add_argument("--limit", type=int, help="lm-eval: examples per task")
+    cmp.add_argument("--batch-size", type=int, help="windows per forward pass")
+    cmp.add_argument("--device", help="override the recipes' device (auto, cpu, cuda)")
+    cmp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="describe an exported checkpoint and verify its checksums")
     ins.add_argument("checkpoint")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -219,3 +220,62 @@ def test_hub_task_offline_is_one_clear_error(tiny, tmp_path, monkeypatch, capsys
     assert cli.main(["eval", str(folder), "--tasks", "arc_easy", "compress_wiki_ppl"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "arc_easy" in err and "offline" in err
+
+
+def _recipe(path: Path, name: str, model: Path, corpus: Path, group_size: int) -> Path:
+    import yaml
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "model": str(model),
+                "device": "cpu",
+                "data": {
+                    "source": str(corpus),
+                    "calibration": {"samples": 4, "seq_len": 64},
+                    "evaluation": {"seq_len": 64, "max_windows": 8},
+                },
+                "stages": [{"type": "rtn", "bits": 4, "group_size": group_size}],
+                "export": {"format": "none"},
+            }
+        )
+    )
+    return path
+
+
+def test_compare_writes_matrix_json_and_plot(tiny, corpus, tmp_path, capsys):
+    from PIL import Image
+
+    from compress import cli
+
+    model, tok = tiny
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipes = [
+        _recipe(tmp_path / "a.yaml", "rtn-g32", folder, corpus, 32),
+        _recipe(tmp_path / "b.yaml", "rtn-g64", folder, corpus, 64),
+    ]
+    out = tmp_path / "results" / "tiny"
+    argv = ["compare", *map(str, recipes), "--out", str(out), "--tasks", "compress_wiki_cloze", "--limit", "3", "-q"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    doc = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert list(rows) == ["float", "rtn-g32", "rtn-g64"]
+    assert rows["float"]["bits"] == 16 and rows["float"]["method"] == "float"
+    assert (rows["rtn-g32"]["method"], rows["rtn-g32"]["bits"], rows["rtn-g32"]["group_size"]) == ("rtn", 4, 32)
+    # Smaller groups: more scales, more bytes; both far below the float weights.
+    assert rows["float"]["weight_bytes"] > rows["rtn-g32"]["weight_bytes"] > rows["rtn-g64"]["weight_bytes"]
+    assert rows["float"]["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2  # layers × (k, v) × kv heads × dim × fp16
+    for r in rows.values():
+        assert r["perplexity"] > 1 and 0 <= r["lm_eval"]["compress_wiki_cloze"]["acc"] <= 1
+    assert rows["rtn-g32"]["perplexity"] != rows["float"]["perplexity"]
+    assert doc["protocol"]["windows"] == 8 and doc["protocol"]["seq_len"] == 64
+    md = out.with_suffix(".md").read_text()
+    assert "![perplexity against weight bytes](tiny.png)" in md
+    assert md.count("\n| rtn-g") == 2 and "compress_wiki_cloze acc" in md
+    with Image.open(out.with_suffix(".png")) as img:
+        img.verify()
+        assert img.format == "PNG" and img.size[0] > 200
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no leftovers
