@@ -202,8 +202,9 @@ def to_markdown(doc: dict, plot_name: str | None) -> str:
             delta,
         ]
         for task, metric in metric_cols:
-            v = r["lm_eval"].get(task, {}).get(metric)
-            cells.append(f"{v:.4g}" if v is not None else "–")
+            scores = r["lm_eval"].get(task, {})
+            v, err = scores.get(metric), scores.get(f"{metric}_stderr")
+            cells.append("–" if v is None else f"{v:.4g} ± {err:.2g}" if err else f"{v:.4g}")
         cells += [
             _mib(r["weight_bytes"]),
             f"{r['weight_bytes'] / r['weight_bytes_16bit']:.2f}×" if r["weight_bytes_16bit"] else "–",

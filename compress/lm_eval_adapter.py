@@ -369,7 +369,7 @@ def run_tasks(
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
-            bootstrap_iters=0,
+            bootstrap_iters=100,  # closed-form stderr for accuracies; few draws for the rest
             log_samples=False,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -385,7 +385,8 @@ def run_tasks(
         raise
     finally:
         model.train(was_training)
-    return {task: _clean_metrics(metrics) for task, metrics in (results or {}).get("results", {}).items()}
+    cleaned = {task: _clean_metrics(metrics) for task, metrics in (results or {}).get("results", {}).items()}
+    return {task: metrics for task, metrics in cleaned.items() if metrics}  # groups carry no metrics of their own
 
 
 def _first_line(e: BaseException) -> str:
