@@ -91,9 +91,11 @@ def test_tokenizer_round_trips():
     assert tok.decode(ids) == text
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_loglikelihood_equals_direct_computation(tiny, batch_size):
+@pytest.mark.parametrize("batch_size,budget", [(1, None), (3, None), (3, 1)])
+def test_loglikelihood_equals_direct_computation(tiny, batch_size, budget, monkeypatch):
     model, tok = tiny
+    if budget:  # a logits budget that allows one input per forward pass
+        monkeypatch.setattr(A, "LOGITS_BUDGET", budget)
     lm = A.make_lm(model, tok, batch_size=batch_size)
     requests = [
         ("The river", " flows north"),
