@@ -260,3 +260,33 @@ def test_mixed_schemes_compressed_tensors(tmp_path, quantized_tiny):
     ckpt = C.read(tmp_path / "m")
     for n, qw in mixed.items():
         assert_same(qw, ckpt.quantized[n])
+
+
+@pytest.mark.integration
+def test_rtn_recipe_exports_gptq_that_reloads_to_the_same_perplexity(tmp_path, capsys):
+    """`compress run` on the RTN recipe ends with a GPTQ checkpoint; reloaded, it scores the same."""
+    import yaml
+
+    from compress import data, evaluate
+    from compress.cli import main
+
+    recipe = yaml.safe_load(open("recipes/smollm2-rtn-w4g128.yaml"))
+    assert recipe["export"]["format"] == "gptq"
+    recipe["data"]["evaluation"] = {"seq_len": 256, "max_windows": 2}
+    recipe["eval"]["before"] = False
+    recipe["export"]["output"] = str(tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["checkpoint_format"] == "gptq" and report["export"]["quantized_linears"] == 210
+    assert C.verify(out) > 5
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "quantized linears: 210" in capsys.readouterr().out
+    loaded = models.load(out)
+    corpus = data.load_corpus("wiki")
+    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=2)
+    ppl = evaluate.perplexity(loaded.model, windows, batch_size=2, progress=False)["perplexity"]
+    assert ppl == pytest.approx(report["evaluation"]["after"]["perplexity"], rel=1e-5)
