@@ -153,6 +153,7 @@ def gptq_config(quantized: dict[str, QuantizedWeight], checkpoint_format: str, m
         "true_sequential": bool(getattr(stage, "true_sequential", True)),
         "damp_percent": float(getattr(stage, "damp_percent", 0.01)),
         "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,  # the name transformers 5 uses; checkpoint_format for older readers
         "lm_head": any(n == "lm_head" or n.endswith(".lm_head") for n in quantized),
         "meta": {"quantizer": ["compress"], "method": getattr(stage, "type", "rtn")},
     }

@@ -174,6 +174,50 @@ def test_compressed_tensors_library_decompresses_ours(tmp_path, symmetric):
             assert torch.equal(out["weight"], module.weight.data), name
 
 
+def test_compressed_tensors_library_compresses_like_us():
+    """Its compressor, given our scales and zero points (signed, as it keeps them), writes our tensors."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from compress.quant import formats as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    qw = int4.quantize(w, int4.QuantArgs(4, 32, False))
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=4, group_size=32, strategy="group", symmetric=False)
+    )
+    zp_signed = (qw.zeros - 8).to(torch.int8)
+    theirs = PackedQuantizationCompressor.compress(
+        {"weight": qw.dequantize(), "weight_scale": qw.scales, "weight_zero_point": zp_signed}, scheme
+    )
+    ours = F.ct_pack(qw)
+    for key in ("weight_packed", "weight_zero_point", "weight_shape"):
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+def test_transformers_loads_our_symmetric_compressed_tensors(tmp_path, quantized_tiny):
+    """Plain transformers with the compressed-tensors package installed: same logits, no code of ours."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, quantized = quantized_tiny
+    export.export_checkpoint(tmp_path / "ct", model, tiny_tokenizer(), quantized, "compressed-tensors")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    assert torch.equal(logits(theirs), logits(model))
+
+
+def test_transformers_accepts_our_gptq_config(tmp_path, quantized_tiny):
+    from transformers import GPTQConfig
+
+    model, quantized = quantized_tiny
+    export.export_checkpoint(tmp_path / "g", model, None, quantized, "gptq")
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    parsed = GPTQConfig.from_dict(qc)
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act, parsed.format) == (4, 32, True, False, "gptq")
+
+
 def test_shards_and_index(tmp_path, quantized_tiny):
     model, quantized = quantized_tiny
     info = export.export_checkpoint(tmp_path / "s", model, tiny_tokenizer(), quantized, "gptq", max_shard_size=20_000)
