@@ -29,7 +29,16 @@ from compress.quant.rtn import RTNStage
 from tests.conftest import make_tiny_model
 
 # A small clip grid keeps the MSE cases fast; the search is the same code at any size.
-SMALL_MSE = MSEGrid(grid=20, max_shrink=0.5)
+SMALL_MSE = MSEGrid(grid=10, max_shrink=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of tiny operations: on shared cores one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def correlated_problem(out_features=48, in_features=160, tokens=768, seed=0, dtype=torch.float32):
@@ -231,15 +240,15 @@ def _calibration(seed=0, n=16, length=48):
 
 
 def test_stage_quantizes_every_linear_and_beats_rtn():
-    windows = _calibration()
-    model = make_tiny_model(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2)
+    windows = _calibration(n=8)
+    model = make_tiny_model(layers=2)
     arch = arch_for(model)
     with torch.no_grad():
         reference = model(input_ids=windows).logits
     args = QuantArgs(4, 32, True)
     errors = {}
     for name, stage in (("rtn", RTNStage(args, ["lm_head"])), ("gptq", GPTQStage(args, ["lm_head"]))):
-        m = make_tiny_model(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2)
+        m = make_tiny_model(layers=2)
         run_layerwise(m, arch, windows, [stage], batch_size=8, progress=False)
         assert len(stage.quantized) == 2 * 7
         for full, qw in stage.quantized.items():
