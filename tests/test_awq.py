@@ -225,7 +225,7 @@ def test_recipe_fills_quantizer_and_builds_stage():
 def test_recipes_validate():
     for path in ("recipes/smollm2-awq-w4g128.yaml", "recipes/smollm2-awq-gptq-w4g128.yaml"):
         recipe = R.load(path)
-        assert [s.type for s in recipe.stages][0] == "awq"
+        assert recipe.stages[0].type == "awq"
         assert recipe.stages[0].group_size == 128
 
 

@@ -81,7 +81,7 @@ def weight_mean(weights: list[Tensor], group_size: int) -> Tensor:
     ``weights`` are [out_i, in] matrices sharing an input; the result is [in].
     """
     w = torch.cat([x.detach().float() for x in weights], dim=0).abs()
-    rows, cols = w.shape
+    cols = w.shape[1]
     width = cols if group_size == -1 else group_size
     normalized = torch.empty_like(w)
     for start in range(0, cols, width):
@@ -498,9 +498,7 @@ class AWQStage:
         if result.alpha is not None:
             fold_scales(prev, linears, result.scales, to_inputs(result.scales))
         self.records.append(PairRecord(ctx.index, pair.prev, result.alpha, result.error, result.unit_error))
-        ctx.log.append(
-            f"awq {pair.prev}: alpha={result.alpha} error {result.unit_error:.3g} -> {result.error:.3g}"
-        )
+        ctx.log.append(f"awq {pair.prev}: alpha={result.alpha} error {result.unit_error:.3g} -> {result.error:.3g}")
 
     def _clip_layer(self, ctx: LayerContext) -> None:
         # q/k are skipped as in the reference: their error passes through softmax, which the
