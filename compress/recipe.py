@@ -103,7 +103,9 @@ class DropLayersStage(Strict):
     keep: int = Field(ge=1)
 
 
-Stage = Annotated[RTNStage | GPTQStage | AWQStage | GQAStage | DropLayersStage, Field(discriminator="type")]
+Stage = Annotated[
+    RTNStage | GPTQStage | AWQStage | GQAStage | DropLayersStage, Field(discriminator="type")
+]
 QUANTIZING = (RTNStage, GPTQStage)
 
 
