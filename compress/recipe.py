@@ -78,6 +78,9 @@ class AWQStage(Strict):
     group_size: int | None = None
     symmetric: bool | None = None
     grid: int = Field(20, ge=1)
+    coarse_step: int = Field(
+        1, ge=1, description="evaluate every n-th α of the grid first, then refine around the best (1: all)"
+    )
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = Field(20, ge=1)
