@@ -223,3 +223,11 @@ def test_stage_matches_pure_math(tiny_windows):
     _convert(model, tiny_windows, 2, "mean", "contiguous")
     torch.testing.assert_close(attn.k_proj.weight, expected.k.reshape(-1, 65)[:, :-1])
     torch.testing.assert_close(attn.v_proj.weight, expected.v.reshape(-1, 65)[:, :-1])
+
+
+def test_report_shows_kv_cache_at_context():
+    from compress.report import KV_CONTEXT, _kv_context_lines
+
+    lines = _kv_context_lines({"kv_bytes_per_token_before": 30720, "kv_bytes_per_token_after": 10240})
+    assert f"at {KV_CONTEXT} tokens" in lines[0] and "60.0 MiB" in lines[0] and "20.0 MiB" in lines[1]
+    assert "66.7%" in lines[2] and "×3.00" in lines[2]
