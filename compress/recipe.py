@@ -92,7 +92,9 @@ class AWQStage(Strict):
 class GQAStage(Strict):
     type: Literal["gqa"]
     num_key_value_heads: int = Field(ge=1)
-    pooling: Literal["mean", "fit"] = "mean"
+    pooling: Literal["mean", "fit", "fit_q"] = Field(
+        "mean", description="mean (GQA paper), fit (calibrated refit), fit_q (fit + per-plane query rescale)"
+    )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
 
 
