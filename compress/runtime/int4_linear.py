@@ -18,7 +18,9 @@ Shapes the kernels cannot take directly are adapted at load, never per call wher
 * out_features not a multiple of 16 (CPU) / 8 (CUDA): pad rows, slice the output.
 * act-order ``g_idx``: sort the columns by group once; the input is gathered by that
   permutation on each call.
-* anything else (group sizes under 32, ...): the reference back end, logged once.
+* groups no kernel group tiles (16 or 100 columns, uneven act-order groups): each group is
+  padded to a multiple of 32 columns through the same input gather (reading a zero column).
+* anything else (bit widths other than 4): the reference back end, logged once.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ class UnsupportedLayout(ValueError):
 
 
 def kernel_layout(qw: QuantizedWeight, row_multiple: int = 16) -> KernelLayout:
-    """Rearrange ``qw`` for the int4 kernels, or raise UnsupportedLayout with the reason."""
+    """Rearrange ``qw`` for the int4 kernels, or raise UnsupportedLayout with the reason.
+
+    ``perm`` (when not None) lists, for each kernel column, the input column it reads;
+    the value ``in_features`` stands for a zero column (padding inside a group).
+    """
     if qw.bits != 4:
         raise UnsupportedLayout(f"{qw.bits}-bit weights (the kernels take 4 bits)")
     out_features, in_features = qw.shape
@@ -73,17 +79,25 @@ def kernel_layout(qw: QuantizedWeight, row_multiple: int = 16) -> KernelLayout:
     if qw.has_act_order_g_idx():
         perm = torch.argsort(g_col, stable=True)
         g_col = g_col[perm]
-    codes = qw.codes if perm is None else qw.codes[:, perm]
-
-    group, k_padded = _pick_kernel_group(g_col)
+    fit = _pick_kernel_group(g_col)
+    if fit is None:
+        # Groups that no kernel group tiles (e.g. 100 columns): pad every group to 32 columns
+        # through the input gather, reading a zero column for the padding.
+        group, perm, g_col = 32, *_pad_groups(g_col, perm, 32)
+        k_padded = g_col.numel()
+    else:
+        group, k_padded = fit
+        g_col = torch.cat([g_col, g_col[-1:].expand(k_padded - in_features)])
+    g_block = g_col[::group]  # our group for each kernel group
     n_padded = -(-out_features // row_multiple) * row_multiple
-    g_block = torch.cat([g_col, g_col[-1:].expand(k_padded - in_features)])[::group]  # our group per block
     scales = qw.scales.float()[:, g_block]  # [out, blocks]
     zeros = qw.zeros.float()[:, g_block]
-    zero_f = (8.0 - zeros) * scales
-    sz = torch.stack([scales, zero_f], dim=-1)  # [out, blocks, 2]
+    sz = torch.stack([scales, (8.0 - zeros) * scales], dim=-1)  # [out, blocks, 2]
+    codes = qw.codes.to(torch.int32).cpu()
+    if perm is not None:
+        codes = torch.cat([codes, torch.full((out_features, 1), 8, dtype=torch.int32)], dim=1)[:, perm.cpu()]
     padded_codes = torch.full((n_padded, k_padded), 8, dtype=torch.int32)
-    padded_codes[:out_features, :in_features] = codes.to(torch.int32).cpu()
+    padded_codes[:out_features, : codes.shape[1]] = codes
     padded_sz = torch.zeros(n_padded, k_padded // group, 2)
     padded_sz[:out_features] = sz.cpu()
     return KernelLayout(
@@ -98,8 +112,9 @@ def kernel_layout(qw: QuantizedWeight, row_multiple: int = 16) -> KernelLayout:
     )
 
 
-def _pick_kernel_group(g_col: Tensor) -> tuple[int, int]:
-    """Largest kernel group whose blocks each lie in one of our groups; prefer no padding."""
+def _pick_kernel_group(g_col: Tensor) -> tuple[int, int] | None:
+    """Largest kernel group whose blocks each lie in one of our groups, padding only at the end
+    (unpadded preferred); None when none fits."""
     in_features = g_col.numel()
     fits = []
     for group in KERNEL_GROUPS:
@@ -108,10 +123,22 @@ def _pick_kernel_group(g_col: Tensor) -> tuple[int, int]:
         if bool((padded == padded[:, :1]).all()):
             fits.append((k_padded != in_features, group, k_padded))
     if not fits:
-        raise UnsupportedLayout("groups narrower than 32 columns or not aligned to 32")
-    fits.sort(key=lambda f: (f[0], -f[1]))  # unpadded first, then the largest group
-    _, group, k_padded = fits[0]
-    return group, k_padded
+        return None
+    fits.sort(key=lambda f: (f[0], -f[1]))
+    return fits[0][1], fits[0][2]
+
+
+def _pad_groups(g_col: Tensor, perm: Tensor | None, group: int) -> tuple[Tensor, Tensor]:
+    """Column index and group of each kernel column when every group is padded to ``group``."""
+    in_features = g_col.numel()
+    order = perm if perm is not None else torch.arange(in_features)
+    index, groups = [], []
+    for g in torch.unique_consecutive(g_col).tolist():
+        cols = order[g_col == g]
+        extra = -cols.numel() % group
+        index.append(torch.cat([cols, torch.full((extra,), in_features, dtype=cols.dtype)]))
+        groups.append(torch.full((cols.numel() + extra,), g, dtype=torch.long))
+    return torch.cat(index), torch.cat(groups)
 
 
 def pack_for_cuda(codes: Tensor, device: torch.device) -> tuple[Tensor, int]:
@@ -150,7 +177,9 @@ class Int4Linear(nn.Module):
     def _init_kernel(self, qw: QuantizedWeight, device: torch.device) -> None:
         layout = kernel_layout(qw, row_multiple=16 if self.backend == "cpu" else 8)
         self.group = layout.group
-        self.k_pad = layout.k_padded - layout.in_features
+        # A perm that reads the zero column (index in_features) needs the input padded first.
+        self.gather_zero = layout.perm is not None and bool((layout.perm == layout.in_features).any())
+        self.k_pad = layout.k_padded - (layout.in_features if layout.perm is None else layout.perm.numel())
         self.n_padded = layout.n_padded
         # bfloat16 on both: the CUDA kernel takes nothing else, the CPU one is fast only in it.
         self.compute_dtype = torch.bfloat16
@@ -168,6 +197,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:
+            if self.gather_zero:
+                x2 = F.pad(x2, (0, 1))
             x2 = x2.index_select(1, self.perm)
         if self.k_pad:
             x2 = F.pad(x2, (0, self.k_pad))
