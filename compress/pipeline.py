@@ -93,6 +93,10 @@ def run(
 ) -> dict:
     """Run a recipe end to end; returns the report (also written to the output folder)."""
     out = Path(output) if output else recipe.output_dir()
+    if recipe.eval.lm_eval.tasks:
+        from compress import lm_eval_adapter
+
+        lm_eval_adapter.check_offline(recipe.eval.lm_eval.tasks)  # before hours of compression
     tmp = prepare_output(out, overwrite)
     try:
         result = _run(recipe, out, tmp, progress)
@@ -178,6 +182,10 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool) -> dict:
         model.to("cpu")
         timing["evaluate after"] = time.perf_counter() - t
 
+    if recipe.eval.lm_eval.tasks:
+        evaluation["lm_eval"] = _lm_eval(recipe, model, tokenizer, device)
+        timing["lm-eval"] = evaluation["lm_eval"].pop("_seconds")
+
     w16, w_after = weight_bytes(model, quantized)
     result = {
         "recipe": recipe.model_dump(mode="json"),
@@ -222,6 +230,29 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool) -> dict:
     if recipe.export.format != "none":
         export.write_manifest(tmp)
     return result
+
+
+def _lm_eval(recipe: R.Recipe, model, tokenizer, device: torch.device) -> dict:
+    """The recipe's lm-eval tasks on the compressed model (same corpus split as perplexity)."""
+    from compress import lm_eval_adapter
+
+    t = time.perf_counter()
+    cfg = recipe.eval.lm_eval
+    model.to(device)
+    scores = lm_eval_adapter.run_tasks(
+        model,
+        cfg.tasks,
+        tokenizer=tokenizer,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        device=device,
+        data=recipe.data.source,
+        eval_fraction=recipe.data.eval_fraction,
+        text_field=recipe.data.text_field,
+        seed=recipe.seed,
+    )
+    model.to("cpu")
+    return {**scores, "_seconds": time.perf_counter() - t}
 
 
 def _summary(entry) -> str:

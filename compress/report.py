@@ -37,6 +37,16 @@ def _kv_context_lines(s: dict) -> list[str]:
     return lines
 
 
+def lm_eval_lines(scores: dict | None) -> list[str]:
+    """A table of lm-eval scores (task, metric, value), or nothing."""
+    if not scores:
+        return []
+    lines = ["## lm-eval", "", "| task | metric | value |", "|---|---|---:|"]
+    for task, metrics in scores.items():
+        lines += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items() if not k.endswith("_stderr")]
+    return [*lines, ""]
+
+
 def to_markdown(r: dict) -> str:
     lines = [f"# compress report: {r['recipe']['name']}", ""]
     m = r["model"]
@@ -71,6 +81,7 @@ def to_markdown(r: dict) -> str:
         ]
     else:
         lines += ["Not evaluated.", ""]
+    lines += lm_eval_lines(ev.get("lm_eval"))
     s = r["size"]
     lines += [
         "## Size",
