@@ -90,7 +90,7 @@ def malformed_recipes(draw) -> dict:
                 continue
             if not isinstance(container, dict):
                 continue
-            key = draw(key_text.filter(lambda k, c=container: k not in _known_keys(c, where)))
+            key = draw(key_text.filter(lambda k, c=container, w=where: k not in _known_keys(c, w)))
             container[key] = draw(junk)
         elif kind == "bad_leaf":
             path = draw(st.sampled_from(sorted(INVALID_LEAVES, key=str)))
