@@ -117,6 +117,8 @@ def load(
         if not (path.parent / "config.json").exists():
             raise ModelLoadError(f"{path}: a safetensors file needs a config.json beside it")
         model, tokenizer = _load_folder(path.parent, torch_dtype, kwargs, weights=path)
+    elif path.is_dir() and _is_int4_checkpoint(path):
+        model, tokenizer = _load_int4_checkpoint(path, torch_dtype, kwargs)
     elif path.is_dir():
         model, tokenizer = _load_folder(path, torch_dtype, kwargs)
     elif path.exists():
@@ -176,6 +178,46 @@ def _load_folder(path: Path, dtype: torch.dtype, kwargs: dict, weights: Path | N
         if isinstance(e, ModelLoadError):
             raise
         raise ModelLoadError(f"could not load model from {path}: {str(e).splitlines()[0]}") from e
+    return model, tokenizer
+
+
+def _is_int4_checkpoint(path: Path) -> bool:
+    from compress.checkpoint import is_quantized_checkpoint
+
+    return is_quantized_checkpoint(path)
+
+
+def _load_int4_checkpoint(path: Path, dtype: torch.dtype, kwargs: dict):
+    """A GPTQ / compressed-tensors folder through our own unpacker, as a float (dequantized) model.
+
+    Needs no GPTQ back end; checksums are verified when the folder has a manifest.
+    """
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from compress import checkpoint as C
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "unknown")
+    arch_for_model_type(model_type)
+    try:
+        ckpt = C.read(path)
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    except C.CheckpointError as e:
+        raise ModelLoadError(str(e)) from e
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load checkpoint {path}: {str(e).splitlines()[0]}") from e
+    missing, unexpected = model.load_state_dict(ckpt.float_state_dict(dtype), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{path}: tensors do not match config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
     return model, tokenizer
 
 
