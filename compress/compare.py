@@ -248,6 +248,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             ax.scatter([x], [r["perplexity"]], s=60 if is_float else 40, marker="*" if is_float else "o",
                        color="black" if is_float else None, zorder=3)
             ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ppls = [r["perplexity"] for r in rows if r["perplexity"]]
+        if ppls and max(ppls) > 10 * min(ppls):
+            ax.set_yscale("log")  # one broken row must not flatten the others
         ax.margins(0.15)
         ax.set_xlabel("weight bytes (MiB)")
         ax.set_ylabel("perplexity (lower is better)")
@@ -262,6 +265,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; results are for everyone
     try:
         write(Path(tmp))
         os.replace(tmp, path)
