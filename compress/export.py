@@ -95,11 +95,6 @@ def checkpoint_tensors(
             if fmt == "gptq":
                 packed = F.gptq_pack(qw, checkpoint_format)
             else:
-                if qw.group_size != -1 and qw.shape[1] % qw.group_size:
-                    raise F.FormatError(
-                        f"input width {qw.shape[1]} is not a multiple of group size {qw.group_size}, which "
-                        "compressed-tensors requires; export as gptq instead"
-                    )
                 packed = F.ct_pack(qw, scale_dtype)
         except F.FormatError as e:
             raise CheckpointError(f"{prefix}: {e}") from None
@@ -297,6 +292,14 @@ def save(
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
     files = write_weights(folder, tensors, max_shard_size, {"format": "pt"})
     notes = []
+    ragged = sorted({q.shape[1] for q in quantized.values() if q.group_size != -1 and q.shape[1] % q.group_size})
+    if ragged and fmt != "float":
+        gs = next(iter(quantized.values())).group_size
+        notes.append(
+            f"group size {gs} does not divide input width {', '.join(map(str, ragged))}: the last group of those "
+            "layers is shorter (ceil(in / group) groups). compress, AutoGPTQ and GPTQModel read this; vLLM and "
+            "the compressed-tensors decompressor need whole groups (choose a group size dividing the width)."
+        )
     if checkpoint_format == F.GPTQ_V2:
         notes.append(
             "GPTQ written as checkpoint_format gptq_v2 (zero points stored as they are): some asymmetric "

@@ -216,6 +216,7 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool) -> dict:
         )
         timing["export"] = time.perf_counter() - t
         result["export"] = {"format": recipe.export.format, "path": str(out), **(info or {})}
+        result["notes"] += (info or {}).get("notes", [])
     timing["total"] = time.perf_counter() - t_start
     result["peak_memory"] = peak_memory(device)
     report.write(tmp, result)

@@ -334,3 +334,16 @@ def test_rtn_recipe_exports_gptq_that_reloads_to_the_same_perplexity(tmp_path, c
     windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=2)
     ppl = evaluate.perplexity(loaded.model, windows, batch_size=2, progress=False)["perplexity"]
     assert ppl == pytest.approx(report["evaluation"]["after"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_ragged_last_group_is_written_with_a_note(tmp_path, fmt):
+    """Group 48 on widths 64 and 128, as group 128 on the embedded model's 576: readable, and said so."""
+    model = make_tiny_model()
+    quantized = quantize_model(model, int4.QuantArgs(4, 48, True))
+    info = export.export_checkpoint(tmp_path / "r", model, tiny_tokenizer(), quantized, fmt)
+    assert any("does not divide input width 64, 128" in n for n in info["notes"])
+    ckpt = C.read(tmp_path / "r")
+    for name, qw in quantized.items():
+        assert_same(qw, ckpt.quantized[name])
+    assert torch.equal(logits(models.load(tmp_path / "r").model), logits(model))
