@@ -347,3 +347,15 @@ def test_ragged_last_group_is_written_with_a_note(tmp_path, fmt):
     for name, qw in quantized.items():
         assert_same(qw, ckpt.quantized[name])
     assert torch.equal(logits(models.load(tmp_path / "r").model), logits(model))
+
+
+def test_what_a_hard_kill_leaves_does_not_look_finished(tmp_path, quantized_tiny):
+    """A SIGKILL can leave the staging folder: hidden, named .partial, without manifest, and refused."""
+    model, quantized = quantized_tiny
+    staging = tmp_path / ".ckpt.partial"
+    export.save(staging, model, None, quantized, "gptq")  # written, but never closed with a manifest
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(C.CheckpointError, match="unfinished export"):
+        C.read(staging)
+    with pytest.raises(C.CheckpointError, match=r"no manifest\.json"):
+        C.verify(staging)
