@@ -241,17 +241,25 @@ def shard(tensors: dict[str, Tensor], max_shard_size: int) -> list[dict[str, Ten
     return shards
 
 
-def write_weights(folder: Path, tensors: dict[str, Tensor], max_shard_size: int, metadata: dict) -> list[str]:
-    from safetensors.torch import save_file
+def _save_file(part: dict[str, Tensor], path: Path, metadata: dict) -> None:
+    import safetensors.torch
 
+    safetensors.torch.save_file(part, path, metadata=metadata)
+    # safetensors creates the file owner-only; a checkpoint is meant to be shared like the other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_weights(folder: Path, tensors: dict[str, Tensor], max_shard_size: int, metadata: dict) -> list[str]:
     parts = shard(tensors, max_shard_size)
     if len(parts) == 1:
-        save_file(parts[0], folder / SINGLE, metadata=metadata)
+        _save_file(parts[0], folder / SINGLE, metadata)
         return [SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     weight_map = {}
     for name, part in zip(names, parts, strict=True):
-        save_file(part, folder / name, metadata=metadata)
+        _save_file(part, folder / name, metadata)
         weight_map.update({k: name for k in part})
     index = {"metadata": {"total_size": sum(tensor_bytes(t) for t in tensors.values())}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
