@@ -37,6 +37,7 @@ JOBS = {
     "ours-asym": "our GPTQ w4 g{g} asym, act-order static, true-sequential",
     "ours-sym-noact": "our GPTQ w4 g{g} sym, act-order off",
     "ours-sym-gidx": "our GPTQ w4 g{g} sym, act-order with g_idx",
+    "ours-sym-seq-off": "our GPTQ w4 g{g} sym, act-order static, true-sequential off",
     "peer-sym": "llm-compressor GPTQModifier w4 g{g} sym (actorder static)",
     "peer-asym": "llm-compressor GPTQModifier w4 g{g} asym (actorder static)",
 }
@@ -51,10 +52,11 @@ def peak_rss_bytes() -> int:
 # ---------------------------------------------------------------------------
 
 
-def worker(job: str, windows_path: str, group: int, batch_size: int) -> dict:
+def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    torch.set_num_threads(threads)
     from compress import evaluate, models
 
     tensors = load_file(windows_path)
@@ -80,7 +82,8 @@ def worker(job: str, windows_path: str, group: int, batch_size: int) -> dict:
             from compress.quant.gptq import GPTQStage
 
             act_order = {"noact": "none", "gidx": "g_idx"}.get(job.rsplit("-", 1)[-1], "static")
-            stage = GPTQStage(args, ["lm_head"], act_order=act_order)
+            sequential = not job.endswith("seq-off")
+            stage = GPTQStage(args, ["lm_head"], act_order=act_order, true_sequential=sequential)
             windows = calib
         run_layerwise(model, loaded.arch, windows, [stage], "cpu", batch_size, progress=False)
         info["quantized_linears"] = len(stage.quantized)
@@ -131,7 +134,8 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
         shuffle_calibration_samples=False,
         batch_size=1,
     )
-    return {"peer_version": llmcompressor.__version__}
+    quantized = sum(1 for m in model.modules() if hasattr(m, "weight_scale"))
+    return {"peer_version": llmcompressor.__version__, "quantized_linears": quantized}
 
 
 # ---------------------------------------------------------------------------
@@ -155,9 +159,12 @@ def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, 
 def run_job(job: str, windows: Path, opts) -> dict:
     out = windows.parent / f"{job}.json"
     cmd = [sys.executable, __file__, "--worker", job, "--windows", str(windows), "--json", str(out)]
-    cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
+    cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads)]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=opts.timeout)
+    except subprocess.TimeoutExpired:
+        return {"job": job, "error": f"killed after {opts.timeout} s", "process_seconds": time.perf_counter() - t}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
         return {"job": job, "error": "\n".join(tail), "process_seconds": time.perf_counter() - t}
@@ -173,19 +180,20 @@ def fmt_bytes(n: float) -> str:
 def table(results: dict[str, dict], group: int) -> str:
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
     lines = [
-        "| method | perplexity | Δ vs float | quantize wall s | peak RSS | what |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| method | perplexity | Δ vs float | quantize wall s | peak RSS | eval s | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for job, r in results.items():
         what = JOBS[job].format(g=group)
         if "error" in r:
             first = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {job} | failed | | | | {what}: `{first[:160]}` |")
+            lines.append(f"| {job} | failed | | | | | {what}: `{first[:160]}` |")
             continue
         ppl = r["eval"]["perplexity"]
         delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
         secs = f"{r['quantize_seconds']:.1f}" if job != "float" else "–"
-        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {fmt_bytes(r['peak_rss_quantize'])} | {what} |")
+        rss = fmt_bytes(r["peak_rss_quantize"])
+        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {rss} | {r['eval_seconds']:.0f} | {what} |")
     return "\n".join(lines)
 
 
@@ -221,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group", type=int, default=64, help="64: the peer refuses 128 on 576-wide inputs")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every method (1: the cores are shared)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds before a method's process is killed")
+    default_jobs = "float,rtn-sym,rtn-asym,ours-sym,ours-asym,ours-sym-noact,peer-sym,peer-asym"
+    p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
 
     if opts.worker:
-        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size)
+        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads)
         Path(opts.json).write_text(json.dumps(result))
         return 0
 
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         f"    {sys.executable} {command[len('python ') :]}",
         "",
         f"Model: embedded SmolLM2-135M-Instruct, float32, CPU ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch threads {results.get('float', {}).get('threads', '?')}, "
+        f"{os.cpu_count()} cores, torch threads {opts.threads}, "
         f"load average at the end {load[0]:.1f}: the cores were shared with other jobs, so times are noisy).",
         f"Data: {meta['data']}; calibration {meta['calibration'][0]} x {meta['calibration'][1]} tokens, "
         f"evaluation {meta['evaluation'][0]} x {meta['evaluation'][1]} (the same windows for every method). "
