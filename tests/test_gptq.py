@@ -23,6 +23,7 @@ from compress.quant.gptq import (
     hessian_from_inputs,
     rtn_quantize,
     run_gptq,
+    split_rows,
 )
 from compress.quant.int4 import QuantArgs
 from compress.quant.rtn import RTNStage
@@ -165,6 +166,19 @@ def test_blocked_float32_matches_slow_reference_in_error():
     fast = output_error(x, w, gptq_quantize(w, h, args, act_order="g_idx").dequantize())
     slow = output_error(x, w, slow_gptq(w, h, args, act_order="g_idx").dequantize())
     assert fast == pytest.approx(slow, rel=0.02)
+
+
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
+def test_stacked_rows_equal_separate_runs(act_order):
+    """The stage quantizes q/k/v (and gate/up) as one stacked matrix: rows are independent."""
+    w, x = correlated_problem(out_features=40, seed=8, dtype=torch.float64)
+    h = (2.0 / x.shape[0]) * (x.T @ x)
+    args = QuantArgs(4, 32, False)
+    parts = split_rows(gptq_quantize(w, h, args, act_order=act_order), [24, 8, 8])
+    for part, rows in zip(parts, (slice(0, 24), slice(24, 32), slice(32, 40)), strict=True):
+        alone = gptq_quantize(w[rows], h, args, act_order=act_order)
+        assert (part.codes != alone.codes).float().mean().item() < 1e-3
+        assert torch.equal(part.group_index(), alone.group_index())
 
 
 def test_act_order_g_idx_groups_follow_processing_order():
