@@ -115,11 +115,29 @@ class GQAStage:
             return  # already there: identity
         cov = self._second_moment(ctx) if self.needs_calibration else None
         att = read_attention(attn, kv_heads, head_dim)
-        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov)
+        rotary = self._rotary(ctx, head_dim)
+        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary)
         if order != list(range(heads)):
             self.orders[ctx.index] = order
         write_attention(attn, pooled, heads)
         set_config_kv_heads(ctx.config, self.num_kv_heads)
+
+    def _rotary(self, ctx: LayerContext, head_dim: int) -> M.Rotary | None:
+        """The model's RoPE frequencies over the calibration window length."""
+        if self.pooling == "mean":
+            return None
+        seq_len = ctx.inputs.hidden[0].shape[1]
+        inv_freq = None
+        if ctx.model is not None:
+            try:
+                inv_freq = ctx.model.get_submodule(ctx.arch.rotary_path).inv_freq
+            except AttributeError:
+                inv_freq = None
+        if inv_freq is None or inv_freq.numel() != head_dim // 2:
+            params = getattr(ctx.config, "rope_parameters", None) or {}
+            theta = params.get("rope_theta", getattr(ctx.config, "rope_theta", 10000.0))
+            return M.Rotary.default(head_dim, float(theta), seq_len)
+        return M.Rotary.from_inv_freq(inv_freq.detach().cpu(), seq_len)
 
     def _second_moment(self, ctx: LayerContext) -> torch.Tensor:
         acc: dict[str, torch.Tensor | int] = {"sum": 0, "n": 0}
