@@ -37,6 +37,12 @@ from compress.runtime.generate import Runtime
 from compress.runtime.loader import build_model, load_folder
 
 PROMPT = "The history of the Roman Empire begins with the founding of the city of Rome, and"
+# The embedded model's shapes (SmolLM2-135M), for --model smollm2-shapes on a machine without its files.
+SMOLLM2_SHAPES = dict(
+    model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+)
 
 
 def sync(device: torch.device) -> None:
@@ -106,11 +112,11 @@ class OurRow:
         return self.runtime.generate_ids([self.ids], new_tokens).decode_tokens_per_s
 
 
-def build_hf(folder: Path, random_weights: bool, dtype: torch.dtype, device: torch.device):
+def build_hf(folder: Path | None, random_weights: bool, dtype: torch.dtype, device: torch.device):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if random_weights:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder) if folder else AutoConfig.for_model(**SMOLLM2_SHAPES)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():
@@ -133,7 +139,8 @@ def quantize_model(hf) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="model folder, or 'smollm2' (the embedded model)")
+    p.add_argument("--model", default="smollm2",
+                   help="model folder, 'smollm2' (the embedded model) or 'smollm2-shapes' (random weights, no files)")
     p.add_argument("--checkpoint", help="an exported int4 folder for the int4 rows (default: RTN in memory)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -155,13 +162,17 @@ def main() -> int:
     device = torch.device(args.device)
     from transformers import AutoTokenizer
 
-    folder = Path(args.model)
+    folder: Path | None = Path(args.model)
     if args.model == "smollm2":
         from compress.models import embedded_model_dir
 
         folder = embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer(PROMPT)["input_ids"]
+    if args.model == "smollm2-shapes":
+        folder, args.random_weights = None, True
+        tokenizer, ids = None, list(range(1, 18))  # 17 ids, the length of PROMPT in its tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = tokenizer(PROMPT)["input_ids"]
     ids_t = torch.tensor([ids], device=device)
     float_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     # int4 on the kernels runs bfloat16 activations (the CPU kernel's fast path), as load() does.
