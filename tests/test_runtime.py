@@ -277,3 +277,45 @@ def test_embedded_model_greedy_equals_transformers():
     ref = hf_greedy(loaded.model, torch.tensor([ids]), 32)
     ours = llm.generate_ids([ids], 32)
     assert ours.tokens[0] == ref[0, len(ids):].tolist()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("out_features,in_features,group_size,act_order", [
+    (64, 256, 64, False), (40, 576, 128, False), (48, 256, 128, True), (32, 200, 100, False),
+])
+def test_cuda_int4_kernel_equals_reference(out_features, in_features, group_size, act_order):
+    g = torch.Generator().manual_seed(0)
+    qw = quantize(torch.randn(out_features, in_features, generator=g) * 0.05, QuantArgs(4, group_size, False))
+    if act_order:
+        qw = _shuffle_groups(qw, g)
+    x = torch.randn(7, in_features, generator=g)
+    expected = x @ qw.dequantize().t()
+    layer = Int4Linear(qw, backend="cuda", device="cuda", dtype=torch.bfloat16)
+    assert layer.backend == "cuda"
+    torch.testing.assert_close(layer(x.cuda().bfloat16()).float().cpu(), expected, **BF16_TOL)
+
+
+@cuda
+def test_cuda_model_matches_transformers(tokens):
+    hf = make_tiny_model("qwen2")
+    records = quantize_linears(hf, QuantArgs(4, 32, symmetric=False))
+    ref = hf(tokens).logits
+    float_model, _ = from_transformers(hf, device="cuda", dtype=torch.float32)
+    assert rel_err(run_logits(float_model, tokens.cuda()).cpu(), ref) < 1e-4
+    int4_model, info = from_transformers(hf, records, device="cuda", dtype=torch.bfloat16)
+    assert info.backends == {"cuda": 8}
+    torch.testing.assert_close(run_logits(int4_model, tokens.cuda()).cpu(), ref, rtol=5e-2, atol=5e-2)
+
+
+@cuda
+def test_cuda_compiled_decode_equals_eager():
+    hf = make_tiny_model("llama")
+    records = quantize_linears(hf, QuantArgs(4, 32, symmetric=True))
+    model, info = from_transformers(hf, records, device="cuda", dtype=torch.bfloat16)
+    prompt = [[5, 17, 99, 3, 42, 8]]
+    eager = Runtime(model, None, info).generate_ids(prompt, 20).tokens
+    compiled = Runtime(model, None, info, compile_decode=True).generate_ids(prompt, 20).tokens
+    assert compiled == eager

@@ -179,7 +179,8 @@ class Attention(nn.Module):
         self.wo: nn.Module = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        """``mask`` None: every key up to ``kv_len`` is visible, causally (no padding, no window)."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -191,12 +192,13 @@ class Attention(nn.Module):
             raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
         k, v = self.kv_cache.update(input_pos, k, v)
         if kv_len is not None:  # eager: attend over the filled prefix only, not the whole cache
-            k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
-        group = self.n_heads // self.n_kv
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            if mask is not None:
+                mask = mask[..., :kv_len]
+        # Without a mask: one query sees every key; a prefill from position 0 is plain causal.
+        causal = mask is None and seqlen > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_heads != self.n_kv)
         y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
         return self.wo(y)
 
@@ -221,7 +223,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -239,6 +241,7 @@ class Transformer(nn.Module):
         # Set by the caller: eager runs slice attention to the filled prefix; a compiled
         # decode step keeps static shapes and attends over the whole (masked) cache.
         self.slice_kv = True
+        self.windowed = False
         self.register_buffer("rope", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self.register_buffer("key_valid", torch.empty(0, dtype=torch.bool), persistent=False)
@@ -266,7 +269,8 @@ class Transformer(nn.Module):
         self.max_batch, self.max_len = max_batch, max_len
         self.rope = rope_table(a, max_len).to(self.device)
         mask = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
-        if a.sliding_window is not None and a.sliding_window < max_len:
+        self.windowed = a.sliding_window is not None and a.sliding_window < max_len
+        if self.windowed:
             mask &= ~torch.ones_like(mask).tril(-a.sliding_window)
         self.causal_mask = mask
         self.set_padding(None)
@@ -294,9 +298,18 @@ class Transformer(nn.Module):
         """Logits [B, T, V] (float32) for ``tokens`` [B, T] written at positions ``input_pos`` [T]."""
         if self.max_len == 0:
             raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
-        kv_len = int(input_pos[-1]) + 1 if self.slice_kv else None
+        kv_len = None
+        mask = None
+        if self.slice_kv:
+            kv_len = int(input_pos[-1]) + 1
+            seqlen = tokens.shape[1]
+            # The cheap paths need no mask: a decode step, or a prefill that starts at 0.
+            plain = self.key_valid.numel() == 0 and not self.windowed and (seqlen == 1 or kv_len == seqlen)
+            if not plain:
+                mask = self.attention_mask(input_pos)
+        else:
+            mask = self.attention_mask(input_pos)
         rope = self.rope[input_pos]
-        mask = self.attention_mask(input_pos)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos, kv_len)
