@@ -129,7 +129,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    doc = compare.compare(args.recipes, args.out, protocol, command=command, progress=not args.quiet, log=log)
+    doc = compare.compare(
+        args.recipes, args.out, protocol, command=command, progress=not args.quiet, log=log, fresh=args.fresh
+    )
     out = doc["output"]
     print(f"done: {out}.md, {out}.json, {out}.png ({len(doc['rows'])} rows)")
     return 0
@@ -243,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--limit", type=int, help="lm-eval: examples per task")
     cmp.add_argument("--batch-size", type=int, help="windows per forward pass")
     cmp.add_argument("--device", help="override the recipes' device (auto, cpu, cuda)")
+    cmp.add_argument("--fresh", action="store_true", help="redo rows an interrupted run already finished")
     cmp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     cmp.set_defaults(func=cmd_compare)
 

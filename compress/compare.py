@@ -4,7 +4,8 @@ perplexity against model size.
 Every recipe runs on the same model, dtype, device, seed, evaluation data and windows
 (those of the first recipe, or the command line's overrides); a float row (no stages) is
 the baseline. Outputs go to ``<out>.md``, ``<out>.json`` and ``<out>.png``, each written
-to a temporary file and renamed when complete.
+to a temporary file and renamed when complete. Rows finished by an interrupted run are
+kept in ``.<out>.rows/`` and reused by the next run of the same comparison.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -200,8 +202,9 @@ def to_markdown(doc: dict, plot_name: str | None) -> str:
             delta,
         ]
         for task, metric in metric_cols:
-            v = r["lm_eval"].get(task, {}).get(metric)
-            cells.append(f"{v:.4g}" if v is not None else "–")
+            scores = r["lm_eval"].get(task, {})
+            v, err = scores.get(metric), scores.get(f"{metric}_stderr")
+            cells.append("–" if v is None else f"{v:.4g} ± {err:.2g}" if err else f"{v:.4g}")
         cells += [
             _mib(r["weight_bytes"]),
             f"{r['weight_bytes'] / r['weight_bytes_16bit']:.2f}×" if r["weight_bytes_16bit"] else "–",
@@ -274,6 +277,7 @@ def compare(
     command: str | None = None,
     progress: bool = True,
     log=print,
+    fresh: bool = False,
 ) -> dict:
     """Run every recipe (and the float baseline) under one protocol; write the matrix."""
     from compress import pipeline
@@ -290,14 +294,30 @@ def compare(
     out = out.with_suffix("") if out.suffix in (".md", ".json", ".png") else out
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    # Finished rows are kept beside the output until the matrix is written: an interrupted
+    # comparison, run again with the same recipes and protocol, redoes only the missing rows.
+    rows_dir = out.parent / f".{out.name}.rows"
+    if fresh and rows_dir.exists():
+        shutil.rmtree(rows_dir)
+    rows_dir.mkdir(exist_ok=True)
     results = []
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.runs-") as work:
-        for i, r in enumerate(runs, 1):
-            log(f"[{i}/{len(runs)}] {r.name}")
+    for i, r in enumerate(runs, 1):
+        saved = rows_dir / f"{r.name}.json"
+        key = fingerprint(r)
+        if saved.exists():
+            cached = json.loads(saved.read_text())
+            if cached.get("fingerprint") == key:
+                log(f"[{i}/{len(runs)}] {r.name}: done in an earlier run, reused")
+                results.append(cached["result"])
+                continue
+        log(f"[{i}/{len(runs)}] {r.name}")
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.run-") as work:
             t = time.perf_counter()
             result = pipeline.run(r, Path(work) / r.name, overwrite=True, progress=progress)
             result.setdefault("timing", {}).setdefault("total", time.perf_counter() - t)
-            results.append(result)
+        payload = json.dumps({"fingerprint": key, "result": result}, default=str)
+        _atomic_write(saved, lambda p, text=payload: p.write_text(text))
+        results.append(json.loads(payload)["result"])
 
     first = results[0]
     ev = first["evaluation"]
@@ -330,7 +350,17 @@ def compare(
     _atomic_write(png, lambda p: plot(doc["rows"], p, f"{slug}: perplexity against weight bytes"))
     _atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=2, default=str) + "\n"))
     _atomic_write(out.with_suffix(".md"), lambda p: p.write_text(to_markdown(doc, png.name)))
+    shutil.rmtree(rows_dir, ignore_errors=True)
     return doc
+
+
+def fingerprint(recipe: R.Recipe) -> str:
+    """What a row depends on: the unified recipe and the package version."""
+    import hashlib
+
+    from compress import __version__
+
+    return hashlib.sha256(f"{__version__}\n{recipe.to_yaml()}".encode()).hexdigest()[:16]
 
 
 def _calibration_text(runs: list[R.Recipe]) -> str:

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
-# Metadata keys the local tasks read (see eval/tasks/compress_tasks.py).
-LOCAL_TASK_PREFIX = "compress_"
+# Logits held at once while scoring (2**28 float32 = 1 GiB): bounds memory at long contexts.
+LOGITS_BUDGET = 2**28
 
 
 class LMEvalError(RuntimeError):
@@ -124,8 +124,9 @@ def _build_lm_class():
 
         # -- scoring --------------------------------------------------------------
         @torch.no_grad()
-        def _logprobs(self, inputs: list[list[int]]) -> list[Tensor]:
-            """Log-softmax over the vocabulary at every position of each input (right-padded batch)."""
+        def _logprobs(self, inputs: list[list[int]], scored: list[int]) -> list[Tensor]:
+            """Log-softmax over the vocabulary at the last ``scored[i]`` positions of each input
+            (one right-padded batch; padding after a sequence cannot change a causal LM's outputs)."""
             width = max(len(x) for x in inputs)
             ids = torch.zeros(len(inputs), width, dtype=torch.long)
             mask = torch.zeros(len(inputs), width, dtype=torch.long)
@@ -135,8 +136,23 @@ def _build_lm_class():
             logits = self.model(
                 input_ids=ids.to(self._device), attention_mask=mask.to(self._device), use_cache=False
             ).logits
-            out = F.log_softmax(logits.float(), dim=-1).cpu()
-            return [out[i, : len(x)] for i, x in enumerate(inputs)]
+            return [
+                F.log_softmax(logits[i, len(x) - n : len(x)].float(), dim=-1).cpu()
+                for i, (x, n) in enumerate(zip(inputs, scored, strict=True))
+            ]
+
+        def _batches(self, prepared: list) -> list[list]:
+            """Batches of at most ``batch_size`` inputs and about ``LOGITS_BUDGET`` logits (the
+            vocabulary times the tokens), longest first so that little is padding."""
+            vocab = int(getattr(self.model.config, "vocab_size", 1) or 1)
+            prepared = sorted(prepared, key=lambda r: -len(r[1]))
+            batches, start = [], 0
+            while start < len(prepared):
+                width = len(prepared[start][1])
+                size = max(1, min(self.batch_size, LOGITS_BUDGET // max(1, width * vocab)))
+                batches.append(prepared[start : start + size])
+                start += size
+            return batches
 
         def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
             """(sum log p(continuation | context), greedy?) for token pairs; the context is cut
@@ -149,15 +165,15 @@ def _build_lm_class():
                     continue
                 if not context:
                     raise LMEvalError("a loglikelihood request needs at least one context token")
+                if len(continuation) > self.max_length:
+                    raise LMEvalError(
+                        f"a continuation of {len(continuation)} tokens is longer than max_length {self.max_length}"
+                    )
                 whole = (context + continuation)[-(self.max_length + 1) :]
                 prepared.append((i, whole[:-1], continuation))
-            # Longest first: batches of similar length waste little padding.
-            prepared.sort(key=lambda r: -len(r[1]))
-            for start in range(0, len(prepared), self.batch_size):
-                chunk = prepared[start : start + self.batch_size]
-                logprobs = self._logprobs([inp for _, inp, _ in chunk])
-                for (i, inp, continuation), lp in zip(chunk, logprobs, strict=True):
-                    scored = lp[len(inp) - len(continuation) :]
+            for chunk in self._batches(prepared):
+                logprobs = self._logprobs([inp for _, inp, _ in chunk], [len(c) for _, _, c in chunk])
+                for (i, _, continuation), scored in zip(chunk, logprobs, strict=True):
                     target = torch.tensor(continuation)
                     total = scored.gather(1, target[:, None]).sum().item()
                     greedy = bool((scored.argmax(dim=-1) == target).all())
@@ -369,7 +385,7 @@ def run_tasks(
             num_fewshot=num_fewshot,
             limit=limit,
             task_manager=manager,
-            bootstrap_iters=0,
+            bootstrap_iters=100,  # closed-form stderr for accuracies; few draws for the rest
             log_samples=False,
             random_seed=seed,
             numpy_random_seed=seed,
@@ -385,7 +401,8 @@ def run_tasks(
         raise
     finally:
         model.train(was_training)
-    return {task: _clean_metrics(metrics) for task, metrics in (results or {}).get("results", {}).items()}
+    cleaned = {task: _clean_metrics(metrics) for task, metrics in (results or {}).get("results", {}).items()}
+    return {task: metrics for task, metrics in cleaned.items() if metrics}  # groups carry no metrics of their own
 
 
 def _first_line(e: BaseException) -> str:

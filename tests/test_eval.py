@@ -91,9 +91,11 @@ def test_tokenizer_round_trips():
     assert tok.decode(ids) == text
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_loglikelihood_equals_direct_computation(tiny, batch_size):
+@pytest.mark.parametrize("batch_size,budget", [(1, None), (3, None), (3, 1)])
+def test_loglikelihood_equals_direct_computation(tiny, batch_size, budget, monkeypatch):
     model, tok = tiny
+    if budget:  # a logits budget that allows one input per forward pass
+        monkeypatch.setattr(A, "LOGITS_BUDGET", budget)
     lm = A.make_lm(model, tok, batch_size=batch_size)
     requests = [
         ("The river", " flows north"),
@@ -244,10 +246,10 @@ def _recipe(path: Path, name: str, model: Path, corpus: Path, group_size: int) -
     return path
 
 
-def test_compare_writes_matrix_json_and_plot(tiny, corpus, tmp_path, capsys):
+def test_compare_writes_matrix_json_and_plot(tiny, corpus, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    from compress import cli
+    from compress import cli, pipeline
 
     model, tok = tiny
     folder = tmp_path / "tiny-llama"
@@ -259,7 +261,20 @@ def test_compare_writes_matrix_json_and_plot(tiny, corpus, tmp_path, capsys):
     ]
     out = tmp_path / "results" / "tiny"
     argv = ["compare", *map(str, recipes), "--out", str(out), "--tasks", "compress_wiki_cloze", "--limit", "3", "-q"]
+    # Interrupted at the last row: nothing written, the finished rows kept for the next run.
+    real_run, ran = pipeline.run, []
+
+    def run(recipe, *args, **kwargs):
+        ran.append(recipe.name)
+        if recipe.name == "rtn-g64" and len(ran) == 3:
+            raise KeyboardInterrupt
+        return real_run(recipe, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run", run)
+    assert cli.main(argv) == 130
+    assert not out.with_suffix(".md").exists() and not out.with_suffix(".json").exists()
     assert cli.main(argv) == 0, capsys.readouterr().err
+    assert ran == ["float", "rtn-g32", "rtn-g64", "rtn-g64"]
     doc = json.loads(out.with_suffix(".json").read_text())
     rows = {r["name"]: r for r in doc["rows"]}
     assert list(rows) == ["float", "rtn-g32", "rtn-g64"]
