@@ -199,7 +199,7 @@ class Progress:
         for j, s in enumerate(stages):
             stage = getattr(s, "stage", s)
             meta = state["stages"].get(str(j), {})
-            if hasattr(stage, "notes") and meta.get("notes") is not None:
+            if isinstance(vars(stage).get("notes"), list) and meta.get("notes") is not None:
                 stage.notes[:] = meta["notes"]
             if hasattr(s, "seconds"):
                 s.seconds = float(meta.get("seconds", 0.0))

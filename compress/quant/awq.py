@@ -544,6 +544,18 @@ class AWQStage:
             lo, hi = clip_search(lin.weight.data, x, self.args, self.clip_grid, self.max_shrink)
             lin.weight.data = apply_clip(lin.weight.data, lo, hi, self.args.group_size)
 
+    # -- resume (compress/resume.py): the cross-layer state, as plain data ---------
+
+    def resume_state(self) -> dict:
+        return {
+            "records": [[r.layer, r.prev, r.alpha, r.error, r.unit_error] for r in self.records],
+            "skipped": sorted(self.skipped),
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        self.records = [PairRecord(*r) for r in state["records"]]
+        self.skipped = set(state["skipped"])
+
     # -- report ------------------------------------------------------------------
 
     @property

@@ -230,3 +230,10 @@ def test_group_size_rule_ragged_last_group():
     for bad in (0, 4, 12, -2):
         with pytest.raises(R.RecipeError, match="group_size"):
             R.parse({"name": "x", "stages": [{"type": "rtn", "group_size": bad}]})
+
+
+def test_bit_width_the_export_cannot_pack_is_caught_before_any_work():
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(R.RecipeError, match="packs 2, 4 or 8 bits"):
+            R.parse({"name": "x", "stages": [{"type": "gptq", "bits": 3}], "export": {"format": fmt}})
+    assert R.parse({"name": "x", "stages": [{"type": "gptq", "bits": 3}], "export": {"format": "float"}})
