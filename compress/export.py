@@ -386,7 +386,10 @@ def describe(folder: str | os.PathLike) -> dict:
     shapes = C.tensor_shapes(files)
     qc = config.get("quantization_config") or {}
     leaf = {"gptq": "qweight", "compressed-tensors": "weight_packed"}.get(fmt)
-    quantized = sorted(n.rsplit(".", 1)[0] for n in shapes if leaf and n.endswith("." + leaf))
+    quantized = sorted(
+        (n.rsplit(".", 1)[0] for n in shapes if leaf and n.endswith("." + leaf)),
+        key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")],  # layers.10 after layers.9
+    )
     qnames = {f"{p}." for p in quantized}
     q_bytes = f_bytes = 0
     float_dtypes: set[str] = set()
