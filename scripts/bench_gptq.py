@@ -144,6 +144,7 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
 
 
 def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, seed: int) -> dict:
+    import torch
     from safetensors.torch import save_file
 
     from compress import data, models
@@ -152,6 +153,12 @@ def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, 
     corpus = data.load_corpus("wiki")
     calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, calibration, seq_len, seed)
     evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, seq_len, eval_windows)
+    if path.exists():  # a reused --keep-dir: its results are only comparable on the same windows
+        from safetensors.torch import load_file
+
+        old = load_file(str(path))
+        if not (torch.equal(old["calibration"], calib) and torch.equal(old["evaluation"], evalw)):
+            raise SystemExit(f"{path} holds other windows than these options give: use another --keep-dir")
     save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(path))
     return {"data": corpus.describe(), "calibration": list(calib.shape), "evaluation": list(evalw.shape)}
 
@@ -234,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     default_jobs = "float,rtn-sym,rtn-asym,ours-sym,ours-asym,ours-sym-noact,peer-sym,peer-asym"
     p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
+    p.add_argument("--keep-dir", help="keep per-method results here and reuse those already present")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
@@ -252,10 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-gptq-") as tmp:
-        windows = Path(tmp) / "windows.safetensors"
+        # --keep-dir: results survive an interrupted run, and jobs already done there are reused.
+        folder = Path(opts.keep_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        windows = folder / "windows.safetensors"
         meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed)
         print(f"data: {meta}", flush=True)
         for job in jobs:
+            done = folder / f"{job}.json"
+            if opts.keep_dir and done.exists():
+                results[job] = json.loads(done.read_text())
+                results[job].setdefault("process_seconds", 0.0)
+                print(f"{job}: reused {done}", flush=True)
+                continue
             results[job] = run_job(job, windows, opts)
             r = results[job]
             status = r.get("error", "").splitlines()[-1:] if "error" in r else r["eval"]["perplexity"]

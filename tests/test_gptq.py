@@ -328,3 +328,44 @@ def test_stage_from_recipe_and_ignore():
     stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head", "mlp.*"], true_sequential=False)
     run_layerwise(model, arch_for(model), _calibration(n=4), [stage], progress=False)
     assert sorted(stage.quantized) == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
+
+
+# ---------------------------------------------------------------------------
+# The embedded model, small settings
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_gptq_recipe_beats_rtn_exports_and_reloads_to_the_same_perplexity(tmp_path):
+    import json
+
+    import yaml
+
+    from compress import data, evaluate, models
+    from compress.cli import main
+
+    recipe = yaml.safe_load(open("recipes/smollm2-gptq-w4g128.yaml"))
+    assert recipe["export"]["format"] == "gptq" and recipe["stages"][0]["type"] == "gptq"
+    recipe["data"]["calibration"] = {"samples": 8, "seq_len": 256}
+    recipe["data"]["evaluation"] = {"seq_len": 256, "max_windows": 4}
+    recipe["eval"]["before"] = False
+    recipe["export"]["output"] = str(tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    gptq_ppl = report["evaluation"]["after"]["perplexity"]
+    assert report["export"]["quantized_linears"] == 210
+
+    loaded = models.load("smollm2")
+    corpus = data.load_corpus("wiki")
+    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=4)
+    rtn = RTNStage(QuantArgs(4, 128, True), ["lm_head"])
+    run_layerwise(loaded.model, loaded.arch, windows[:1], [rtn], progress=False)
+    rtn_ppl = evaluate.perplexity(loaded.model, windows, batch_size=4, progress=False)["perplexity"]
+    assert gptq_ppl < rtn_ppl
+
+    reloaded = models.load(out)
+    ppl = evaluate.perplexity(reloaded.model, windows, batch_size=4, progress=False)["perplexity"]
+    assert ppl == pytest.approx(gptq_ppl, rel=1e-5)
