@@ -92,6 +92,8 @@ def main() -> None:
                 continue
             refits = [False] if pooling == "mean" else {"on": [True], "off": [False], "both": [False, True]}[args.refit]
             for refit, q in itertools.product(refits, int4):
+                if q and len(refits) > 1 and not refit:
+                    continue  # int4 rows only for the default (refit) variant
                 t = time.perf_counter()
                 m = copy.deepcopy(model)
                 stages = [GQAStage(args.kv_heads, pooling, grouping, refit)]
