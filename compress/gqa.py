@@ -77,7 +77,8 @@ class GQAStage:
 
     name = "gqa"
 
-    def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous"):
+    def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous",
+                 refit_output: bool = True):
         if pooling not in M.POOLINGS:
             raise RecipeError(f"gqa: pooling must be one of {', '.join(M.POOLINGS)}")
         if grouping not in M.GROUPINGS:
@@ -85,13 +86,16 @@ class GQAStage:
         self.num_kv_heads = num_kv_heads
         self.pooling = pooling
         self.grouping = grouping
+        # fit kinds: finish with an o_proj least-squares refit on the layer's real activations
+        self.refit_output = refit_output and pooling != "mean"
         self.notes: list[str] = []
         self.orders: dict[int, list[int]] = {}
         self._before: int | None = None
 
     @classmethod
     def from_recipe(cls, entry) -> GQAStage:
-        return cls(entry.num_key_value_heads, entry.pooling, entry.grouping)
+        return cls(entry.num_key_value_heads, entry.pooling, entry.grouping,
+                   getattr(entry, "refit_output", True))
 
     @property
     def needs_calibration(self) -> bool:
@@ -113,7 +117,7 @@ class GQAStage:
                 raise RecipeError(f"gqa: attention with {norm} is not supported")
         if kv_heads == self.num_kv_heads:
             return  # already there: identity
-        cov = self._second_moment(ctx) if self.needs_calibration else None
+        cov, targets = self._collect(ctx) if self.needs_calibration else (None, [])
         att = read_attention(attn, kv_heads, head_dim)
         rotary = self._rotary(ctx, head_dim)
         pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary)
@@ -121,6 +125,45 @@ class GQAStage:
             self.orders[ctx.index] = order
         write_attention(attn, pooled, heads)
         set_config_kv_heads(ctx.config, self.num_kv_heads)
+        if self.refit_output:
+            self._refit_output(ctx, attn, targets)
+
+    def _collect(self, ctx: LayerContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One pass: the attention-input second moment, and (for the o_proj refit) the attention outputs."""
+        acc: dict = {"sum": 0, "n": 0}
+        targets: list[torch.Tensor] = []
+
+        def on_input(_module, args, _output):
+            x = args[0]
+            acc["sum"] = acc["sum"] + M.second_moment(x).cpu()
+            acc["n"] += x.shape[0] * x.shape[1]
+
+        def on_attention(_module, _args, output):
+            targets.append((output[0] if isinstance(output, tuple) else output).detach())
+
+        hooks = {ctx.arch.k_proj: on_input}
+        if self.refit_output:
+            hooks[ctx.arch.attention] = on_attention
+        ctx.forward(hooks, keep_outputs=False)
+        return acc["sum"] / max(int(acc["n"]), 1), targets
+
+    def _refit_output(self, ctx: LayerContext, attn: nn.Module, targets: list[torch.Tensor]) -> None:
+        o_proj: nn.Linear = attn.o_proj
+        bias = o_proj.bias.detach().double() if o_proj.bias is not None else None
+        acc: dict = {"gram": 0, "cross": 0, "batch": 0}
+
+        def on_o_input(_module, args, _output):
+            a = args[0].reshape(-1, args[0].shape[-1]).double()
+            y = targets[acc["batch"]].reshape(a.shape[0], -1).double()
+            if bias is not None:
+                y = y - bias
+            acc["gram"] = acc["gram"] + (a.T @ a).cpu()
+            acc["cross"] = acc["cross"] + (y.T @ a).cpu()
+            acc["batch"] += 1
+
+        ctx.forward({ctx.arch.o_proj: on_o_input}, keep_outputs=False)
+        new = M.refit_output(acc["gram"], acc["cross"], o_proj.weight.detach().cpu())
+        o_proj.weight.data.copy_(new.to(o_proj.weight.dtype))
 
     def _rotary(self, ctx: LayerContext, head_dim: int) -> M.Rotary | None:
         """The model's RoPE frequencies over the calibration window length."""
@@ -139,22 +182,12 @@ class GQAStage:
             return M.Rotary.default(head_dim, float(theta), seq_len)
         return M.Rotary.from_inv_freq(inv_freq.detach().cpu(), seq_len)
 
-    def _second_moment(self, ctx: LayerContext) -> torch.Tensor:
-        acc: dict[str, torch.Tensor | int] = {"sum": 0, "n": 0}
-
-        def hook(_module, args, _output):
-            x = args[0]
-            acc["sum"] = acc["sum"] + M.second_moment(x).cpu()
-            acc["n"] += x.shape[0] * x.shape[1]
-
-        ctx.forward({ctx.arch.k_proj: hook}, keep_outputs=False)
-        return acc["sum"] / max(int(acc["n"]), 1)
-
     def finish(self, model: nn.Module, arch, final) -> None:
         before = self._before or head_counts(model.config)[1]
         set_config_kv_heads(model.config, self.num_kv_heads)
         self.notes.append(
-            f"gqa: {before} → {self.num_kv_heads} KV heads (pooling {self.pooling}, grouping {self.grouping}); "
+            f"gqa: {before} → {self.num_kv_heads} KV heads (pooling {self.pooling}, grouping {self.grouping}"
+            f"{', o_proj refit on activations' if self.refit_output else ''}); "
             f"KV cache ×{self.num_kv_heads / before:.3g}"
         )
         if self.orders:

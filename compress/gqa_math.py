@@ -551,6 +551,24 @@ def fit_values(o: Tensor, kv: list[int], v: Tensor, cov: Tensor, rel_eps: float 
     return v_new, o_new
 
 
+def refit_output(gram: Tensor, cross: Tensor, weight: Tensor, damp: float = 0.1) -> Tensor:
+    """o_proj refit on activations: ``argmin_W Σ ‖W a'_t − y_t‖² + δ‖W − W₀‖²``.
+
+    ``gram = Σ a' a'ᵀ`` over the converted attention's o_proj inputs, ``cross = Σ y a'ᵀ`` with
+    ``y`` the original attention's output (bias removed), ``weight`` the current o_proj ``W₀``.
+    This sees everything the pooled keys changed (attention patterns included), which the
+    closed-form value fit cannot. ``δ = damp · mean diag(gram)`` pulls toward ``W₀`` where the
+    calibration activations say little; tokens of a window are far from independent, and on
+    SmolLM2 with 2048 calibration tokens damp 1e-3 overfit (held-out error unchanged, calibration
+    error ÷3) while 0.1 cut the held-out error of 3 layers' output by a third.
+    """
+    gram, cross, w0 = gram.double(), cross.double(), weight.double()
+    delta = damp * gram.diagonal().mean().clamp_min(1e-12)
+    lhs = gram + delta * torch.eye(gram.shape[0], dtype=gram.dtype)
+    rhs = cross + delta * w0
+    return torch.linalg.solve(lhs, rhs.T).T  # lhs symmetric: W = rhs lhs⁻¹
+
+
 def convert(
     att: Attention,
     num_groups: int,

@@ -111,6 +111,7 @@ class GQAStage(Strict):
         "mean", description="mean (GQA paper), fit (calibrated refit), fit_q (fit + per-plane query rescale)"
     )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
+    refit_output: bool = Field(True, description="fit kinds: refit o_proj by least squares on layer activations")
 
 
 class DropLayersStage(Strict):

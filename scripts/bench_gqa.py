@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import shlex
 import sys
 import time
@@ -39,10 +40,14 @@ def main() -> None:
     p.add_argument("--poolings", default=",".join(POOLINGS))
     p.add_argument("--groupings", default="contiguous,similarity")
     p.add_argument("--no-int4", action="store_true")
+    p.add_argument("--refit", default="on", choices=["on", "off", "both"],
+                   help="fit kinds: o_proj refit on activations (both: a row with and one without)")
     p.add_argument("--context", type=int, default=2048, help="context length for the KV-cache size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (oversubscribed cores crawl)")
     p.add_argument("--out", default="eval/results/gqa-smollm2.md")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     loaded = models.load(args.model)
@@ -85,10 +90,13 @@ def main() -> None:
             if grouping == "similarity" and args.kv_heads in (1, heads):
                 # One group (or one head per group): there is nothing to regroup; identical by construction.
                 continue
-            for q in int4:
+            refits = [False] if pooling == "mean" else {"on": [True], "off": [False], "both": [False, True]}[args.refit]
+            for refit, q in itertools.product(refits, int4):
+                if q and len(refits) > 1 and not refit:
+                    continue  # int4 rows only for the default (refit) variant
                 t = time.perf_counter()
                 m = copy.deepcopy(model)
-                stages = [GQAStage(args.kv_heads, pooling, grouping)]
+                stages = [GQAStage(args.kv_heads, pooling, grouping, refit)]
                 stages[0].prepare(m, arch)
                 if q:
                     stages.append(RTNStage(QuantArgs(4, 128, True), ["lm_head"]))
@@ -97,8 +105,9 @@ def main() -> None:
                 stages[0].finish(m, arch, final)
                 state["kv_after"] = kv_cache_bytes_per_token(m.config)
                 value = ppl(m)
-                rows.append((pooling, grouping, "rtn" if q else "no", value, time.perf_counter() - t))
-                print(f"{pooling} {grouping} int4={q}: {value:.3f}", flush=True)
+                label = pooling + (" + o refit" if refit else "")
+                rows.append((label, grouping, "rtn" if q else "no", value, time.perf_counter() - t))
+                print(f"{label} {grouping} int4={q}: {value:.3f}", flush=True)
                 write()
     print(Path(args.out).read_text())
 
@@ -114,7 +123,8 @@ def write_markdown(args, rows, eval_w, calib_w, kv_before, heads, kv_tok_before,
         f"Perplexity on {eval_w.shape[0]} evaluation windows × {args.seq_len} tokens of the embedded Wikipedia "
         f"corpus's evaluation split; {calib_w.shape[0]} calibration windows × {args.seq_len} from the calibration "
         "split (fit kinds only). int4 = RTN, 4 bits, group 128, symmetric, every linear but lm_head, applied "
-        "after gqa in the same layer-by-layer pass.",
+        "after gqa in the same layer-by-layer pass. `+ o refit`: o_proj refit by least squares on the layer's "
+        "activations after pooling (the stage's default for fit kinds, `refit_output`).",
         "",
         "| pooling | grouping | int4 after | perplexity | vs float | seconds |",
         "|---|---|---|---:|---:|---:|",

@@ -256,3 +256,16 @@ def test_key_objective_matches_brute_force():
                     qo, ko = (q_old @ xa[i])[[a, b]], (k_old @ xa[j])[[a, b]]
                     total += wt * (qn @ r[p, t] @ kn - qo @ r[p, t] @ ko) ** 2 / 144
     assert float(M.key_objective(q_old, k_old, q_new, k_new, cov, ROTARY)) == pytest.approx(float(total), rel=1e-9)
+
+
+def test_refit_output_recovers_exact_linear_map():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    w_true, w0 = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.zeros(5, 12, dtype=torch.float64)
+    y = a @ w_true.T
+    torch.testing.assert_close(M.refit_output(a.T @ a, y.T @ a, w0, damp=0.0), w_true)
+    # Where the activations say nothing (a column always 0), the damping keeps the old weights.
+    a[:, 3] = 0
+    w0 = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    w = M.refit_output(a.T @ a, (a @ w_true.T).T @ a, w0, damp=1e-6)
+    torch.testing.assert_close(w[:, 3], w0[:, 3])
