@@ -116,20 +116,22 @@ def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
 
 
 def rope_table(args: ModelArgs, length: int) -> Tensor:
-    """cos and sin for every position: float32 [length, 2, head_dim] (rotate-half layout)."""
+    """cos and signed sin for every position: float32 [length, 2, head_dim].
+
+    Rotate-half RoPE is ``x·cos + rotate_half(x)·sin``; ``rotate_half(x) = sign · roll(x, D/2)``
+    with sign −1 on the first half, so the table holds ``sign · sin`` and the rotation is one roll.
+    """
     inv_freq, attention_scaling = rope_inv_freq(args)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos() * attention_scaling, emb.sin() * attention_scaling], dim=1)
+    sign = torch.cat([-torch.ones_like(inv_freq), torch.ones_like(inv_freq)])
+    return torch.stack([emb.cos() * attention_scaling, sign * emb.sin() * attention_scaling], dim=1)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x [B, heads, T, D], rope [T, 2, D] -> rotated x (rotate-half convention, float32 math)."""
-    cos, sin = rope[:, 0], rope[:, 1]
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """x [B, T, heads, D], rope [T, 2, D] in x's dtype (as transformers does) -> rotated x."""
+    cos, signed_sin = rope[:, None, 0], rope[:, None, 1]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -139,9 +141,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # float32 statistics as transformers computes them, then the weight in the model's dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -183,11 +184,12 @@ class Attention(nn.Module):
         """``mask`` None: every key up to ``kv_len`` is visible, causally (no padding, no window)."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.wqkv(x)
+        # RoPE on queries and keys together: one rotation for both.
+        qk = apply_rope(qkv[..., : q_size + kv_size].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim), rope)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)
+        v = qkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if self.kv_cache is None:
             raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
         k, v = self.kv_cache.update(input_pos, k, v)
@@ -267,7 +269,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
         self.max_batch, self.max_len = max_batch, max_len
-        self.rope = rope_table(a, max_len).to(self.device)
+        self.rope = rope_table(a, max_len).to(self.device, self.dtype)
         mask = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
         self.windowed = a.sliding_window is not None and a.sliding_window < max_len
         if self.windowed:
