@@ -106,8 +106,7 @@ class RandomDraft:
 
 
 def test_verify_greedy_counts_matching_prefix():
-    logits = torch.full((4, 10), -1.0)
-    logits[0, 3] = logits[1, 5] = logits[2, 7] = logits[3, 9] = 1.0
+    logits = torch.tensor([3, 5, 7, 9])  # the target's argmax at each position
     assert verify_greedy(torch.tensor([3, 5, 7]), logits) == (3, 9)  # all accepted: bonus
     assert verify_greedy(torch.tensor([3, 4, 7]), logits) == (1, 5)  # correction at the first miss
     assert verify_greedy(torch.tensor([0, 5, 7]), logits) == (0, 3)

@@ -19,11 +19,14 @@ n-gram matches against the text so far, no model). Batch size 1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from compress.runtime.sampling import SamplingParams, logits_to_probs
 
 
 class Step(Protocol):
@@ -32,41 +35,11 @@ class Step(Protocol):
     def __call__(self, tokens: Tensor, input_pos: Tensor) -> Tensor: ...
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How a token is drawn from logits. ``temperature == 0`` is greedy."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-def probabilities(logits: Tensor, sampling: Sampling) -> Tensor:
-    """The distribution a sampler draws from, in float32 (last dimension is the vocabulary).
-
-    The same transform is applied to target and draft, so the speculative output follows the
-    transformed target distribution exactly.
-    """
-    logits = logits.float()
-    if sampling.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+# The runtime's sampling transform, applied alike to target and draft: the speculative output then
+# follows the transformed target distribution exactly (greedy: one-hot of the argmax).
+Sampling = SamplingParams
+probabilities = logits_to_probs
+GREEDY = Sampling()
 
 
 def sample(probs: Tensor, generator: torch.Generator | None = None) -> int:
@@ -117,9 +90,12 @@ def verify(
     return n, sample(residual_distribution(target_probs[n], q), generator)
 
 
-def verify_greedy(draft_tokens: Tensor, target_logits: Tensor) -> tuple[int, int]:
-    """Greedy acceptance: draft tokens are kept while they equal the target's argmax."""
-    best = target_logits.argmax(-1)
+def verify_greedy(draft_tokens: Tensor, target_best: Tensor) -> tuple[int, int]:
+    """Greedy acceptance: draft tokens are kept while they equal the target's argmax.
+
+    ``target_best`` [k + 1]: the target's argmax at each draft position plus one.
+    """
+    best = target_best
     k = draft_tokens.numel()
     mismatch = (draft_tokens != best[:k]).nonzero()
     n = int(mismatch[0]) if mismatch.numel() else k
@@ -283,13 +259,14 @@ def speculative_generate(
     prompt: list[int],
     max_new_tokens: int,
     k: int = 4,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     adaptive: bool = False,
     k_max: int | None = None,
     stop_tokens: tuple[int, ...] | set[int] = (),
     max_seq_len: int | None = None,
     device: torch.device | str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[int], SpeculativeStats]:
     """Generate up to ``max_new_tokens`` after ``prompt``; returns (new tokens, stats).
 
@@ -311,18 +288,18 @@ def speculative_generate(
     draft.keep(0)
     draft_passes_before = getattr(draft, "passes", 0)
 
-    t0 = time.perf_counter()
+    t0 = clock()
     logits = target(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))[0, -1]
     if sampling.greedy:
         first = int(logits.argmax())
     else:
         first = sample(probabilities(logits, sampling).cpu(), generator)
     _sync(device)
-    stats.prefill_seconds = time.perf_counter() - t0
+    stats.prefill_seconds = clock() - t0
 
     tokens = [*prompt, first]
     new = [first]
-    t0 = time.perf_counter()
+    t0 = clock()
     while len(new) < max_new_tokens and new[-1] not in stop:
         n_ctx = len(tokens)  # the last token is not in the target's cache yet
         # n accepted + 1 produced must fit both the budget and the cache.
@@ -336,7 +313,7 @@ def speculative_generate(
         stats.target_passes += 1
         drafted = torch.tensor(proposal, dtype=torch.long)
         if sampling.greedy:
-            n, nxt = verify_greedy(drafted, target_logits.cpu())
+            n, nxt = verify_greedy(drafted, target_logits.argmax(-1).cpu())
         else:
             n, nxt = verify(drafted, q, probabilities(target_logits, sampling).cpu(), generator)
         stats.proposed += len(proposal)
@@ -354,7 +331,7 @@ def speculative_generate(
         if adaptive:
             k = next_k(k, len(proposal), n, 1, k_max)
     _sync(device)
-    stats.decode_seconds = time.perf_counter() - t0
+    stats.decode_seconds = clock() - t0
     stats.new_tokens = len(new)
     stats.draft_passes = getattr(draft, "passes", 0) - draft_passes_before
     return new, stats
@@ -365,15 +342,16 @@ def plain_generate(
     target: Step,
     prompt: list[int],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     generator: torch.Generator | None = None,
     stop_tokens: tuple[int, ...] | set[int] = (),
     device: torch.device | str = "cpu",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[int], SpeculativeStats]:
     """One token per target pass, with the same sampling and statistics as the speculative loop."""
     return speculative_generate(
         target, _NoDraft(), prompt, max_new_tokens, k=0, sampling=sampling, generator=generator,
-        stop_tokens=stop_tokens, device=device,
+        stop_tokens=stop_tokens, device=device, clock=clock,
     )
 
 
@@ -385,3 +363,125 @@ class _NoDraft:
 
     def keep(self, valid: int) -> None:
         pass
+
+
+# --------------------------------------------------------------------------- runtime glue and CLI
+
+PROMPT_LOOKUP = ("prompt-lookup", "lookup")
+
+
+def open_draft(spec: str, target, backend: str = "auto", clock: Callable[[], float] | None = None):
+    """(draft, draft runtime or None, description) for ``--draft``: a checkpoint or 'prompt-lookup'."""
+    from compress.runtime.errors import RuntimeInputError
+
+    if spec in PROMPT_LOOKUP:
+        return PromptLookupDraft(), None, "prompt lookup"
+    from compress.runtime.generate import load
+
+    try:
+        draft_rt = load(spec, device=target.device, backend=backend)
+    except ValueError as e:  # a back end that cannot run on the device
+        raise RuntimeInputError(str(e)) from e
+    check_same_vocabulary(target, draft_rt)
+    return ModelDraft(draft_rt.model, target.device), draft_rt, f"draft {spec} ({draft_rt.info.quant_format})"
+
+
+def check_same_vocabulary(target, draft) -> None:
+    """A model draft must share the target's tokenizer: same ids for the same text."""
+    from compress.runtime.errors import RuntimeInputError
+
+    vt, vd = target.model.args.vocab_size, draft.model.args.vocab_size
+    if vt != vd:
+        raise RuntimeInputError(f"the draft's vocabulary has {vd} entries, the target's {vt}: they must match")
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise RuntimeInputError("the draft's tokenizer differs from the target's: they must be the same")
+
+
+def cache_length(prompt_len: int, max_new_tokens: int, k: int, context: int) -> int:
+    """Static cache length, rounded up to 64 so nearby requests reuse one allocation."""
+    need = prompt_len + max_new_tokens + k + 1
+    return min(-(-need // 64) * 64, context)
+
+
+def generate_runtime(
+    target,
+    draft: Draft,
+    draft_rt,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    k: int = 4,
+    sampling: Sampling = GREEDY,
+    seed: int = 0,
+    adaptive: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[list[int], SpeculativeStats]:
+    """Speculative generation on runtime models (``compress.runtime.load``); EOS ends it, excluded."""
+    from compress.runtime.errors import RuntimeInputError
+
+    context = target.context_length
+    if draft_rt is not None:
+        context = min(context, draft_rt.context_length)
+    if len(prompt_ids) >= context:
+        raise RuntimeInputError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
+    k_max = 2 * k if adaptive else k
+    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
+    length = cache_length(len(prompt_ids), max_new_tokens, k_max, context)
+    target.model.setup_caches(1, length)
+    target.model.slice_kv = True
+    if draft_rt is not None:
+        draft_rt.model.setup_caches(1, length)
+        draft_rt.model.slice_kv = True
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        tokens, stats = speculative_generate(
+            target.model, draft, prompt_ids, max_new_tokens, k=k, sampling=sampling, generator=generator,
+            adaptive=adaptive, k_max=k_max, stop_tokens=target.eos_ids, max_seq_len=length,
+            device=target.device, clock=clock,
+        )
+    if tokens and tokens[-1] in target.eos_ids:
+        tokens = tokens[:-1]
+    return tokens, stats
+
+
+def cli_generate(args, llm) -> int:
+    """``compress generate CKPT --draft DRAFT|prompt-lookup [--speculate-k K]``: text, then statistics.
+
+    Runs plain decoding first on the same prompt and settings, to report the speedup (and, when
+    greedy, whether the outputs are identical, as they must be).
+    """
+    import sys
+
+    from compress.runtime.errors import RuntimeInputError
+
+    k = args.speculate_k
+    if k < 1:
+        raise RuntimeInputError("--speculate-k must be >= 1")
+    adaptive = bool(getattr(args, "speculate_adaptive", False))
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    backend = "cpu" if args.backend == "kernel" and llm.device.type == "cpu" else args.backend
+    draft, draft_rt, description = open_draft(args.draft, llm, backend)
+    ids = llm.encode(args.prompt, args.chat)
+    if not ids:
+        raise RuntimeInputError("empty prompt")
+
+    # Warm-up: first passes pay for allocations and kernel selection; not timed.
+    llm.generate_ids([ids], 4, sampling, args.seed)
+    generate_runtime(llm, draft, draft_rt, ids, 4, k, sampling, args.seed, adaptive)
+
+    plain = llm.generate_ids([ids], args.max_new_tokens, sampling, args.seed)
+    tokens, stats = generate_runtime(llm, draft, draft_rt, ids, args.max_new_tokens, k, sampling, args.seed, adaptive)
+    sys.stdout.write(llm.decode(tokens) + "\n")
+    plain_tps = plain.decode_tokens_per_s
+    speedup = stats.decode_tokens_per_second / plain_tps if plain_tps else 0.0
+    same = ""
+    if sampling.greedy:
+        identical = tokens == plain.tokens[0]
+        same = "; output identical to plain greedy" if identical else "; OUTPUT DIFFERS from plain greedy"
+    print(
+        f"[speculative, {description}, k={k}{' adaptive' if adaptive else ''}] acceptance {stats.acceptance_rate:.1%}, "
+        f"{stats.tokens_per_pass:.2f} tokens per target pass, decode {stats.new_tokens - 1} tokens at "
+        f"{stats.decode_tokens_per_second:.1f} tok/s vs plain {plain_tps:.1f} tok/s: {speedup:.2f}x{same}",
+        file=sys.stderr,
+    )
+    return 0
