@@ -341,3 +341,71 @@ def test_caches_consistent_after_rejections(k):
     rest = torch.arange(draft.valid, len(seq))  # what the draft's next propose would feed
     logits = draft_model(torch.tensor([seq[draft.valid :]]), rest)[0, -1]
     torch.testing.assert_close(logits, draft_model.fresh_next_logits(seq))
+
+
+# --------------------------------------------------------------------------- on the runtime's static-cache model
+
+
+@pytest.fixture(scope="module")
+def runtime_models():
+    """Target (float), its int4 self-draft and an unrelated draft, as runtime models."""
+    from compress.quant.int4 import QuantArgs, quantize
+    from compress.runtime.generate import Runtime
+    from compress.runtime.loader import from_transformers
+
+    def runtime(hf_model, records=None, backend="auto"):
+        model, info = from_transformers(hf_model, records, backend=backend)
+        return Runtime(model, None, info)
+
+    hf = make_tiny_model(layers=2, vocab=64, seed=0)
+    target = runtime(hf)
+    records = {
+        name: quantize(mod.weight, QuantArgs(4, 32, True))
+        for name, mod in hf.named_modules()
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
+    }
+    self_draft = runtime(hf, records, backend="reference")
+    other = runtime(make_tiny_model(layers=1, hidden=32, intermediate=64, vocab=64, seed=1))
+    return target, self_draft, other
+
+
+def test_runtime_greedy_equals_plain(runtime_models):
+    from compress.runtime.speculative import generate_runtime
+
+    target, self_draft, other = runtime_models
+    expected = target.generate_ids([PROMPT], 16).tokens[0]
+    kinds = {
+        "int4-self-draft": lambda: (ModelDraft(self_draft.model), self_draft),
+        "other-checkpoint": lambda: (ModelDraft(other.model), other),
+        "prompt-lookup": lambda: (PromptLookupDraft(), None),
+        "random": lambda: (RandomDraft(64, seed=2), None),
+    }
+    for kind, make in kinds.items():
+        for k in range(1, 9):
+            draft, draft_rt = make()
+            out, stats = generate_runtime(target, draft, draft_rt, PROMPT, 16, k=k, adaptive=k == 3)
+            assert out == expected, f"{kind}, k={k}"
+    _, stats = generate_runtime(target, ModelDraft(self_draft.model), self_draft, PROMPT, 16, k=4)
+    assert stats.acceptance_rate > 0.5
+
+
+@pytest.mark.parametrize("k", [2, 7])
+def test_runtime_caches_consistent_after_rejections(runtime_models, k):
+    """After sampled speculation with many rejections, each cache gives a fresh prefill's logits."""
+    from compress.runtime.speculative import generate_runtime
+
+    target, _, other = runtime_models
+    draft = ModelDraft(other.model)
+    out, stats = generate_runtime(target, draft, other, PROMPT, 30, k=k, sampling=Sampling(temperature=1.0), seed=1)
+    assert 0 < stats.accepted < stats.proposed
+    seq = PROMPT + out
+    with torch.inference_mode():
+        # Continue on the caches left by speculation, then recompute from scratch on a fresh cache.
+        cached = target.model(torch.tensor([seq[-1:]]), torch.tensor([len(seq) - 1]))[0, -1]
+        draft_cached = other.model(torch.tensor([seq[draft.valid :]]), torch.arange(draft.valid, len(seq)))[0, -1]
+        target.model.setup_caches(1, 128)
+        fresh = target.model(torch.tensor([seq]), torch.arange(len(seq)))[0, -1]
+        other.model.setup_caches(1, 128)
+        draft_fresh = other.model(torch.tensor([seq]), torch.arange(len(seq)))[0, -1]
+    torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(draft_cached, draft_fresh, atol=1e-4, rtol=1e-4)
