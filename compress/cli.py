@@ -19,17 +19,24 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from compress.assets import AssetError
     from compress.data import DataError
     from compress.models import ModelLoadError
-    from compress.pipeline import OutputExists
+    from compress.pipeline import OutputError
     from compress.recipe import RecipeError
+    from compress.resume import ResumeError
 
     errors: list[type[BaseException]] = [
-        RecipeError, ModelLoadError, DataError, UnsupportedArchitecture, OutputExists, AssetError,
+        RecipeError, ModelLoadError, DataError, UnsupportedArchitecture, OutputError, ResumeError, AssetError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
     ]
     try:
         from compress.export import CheckpointError
 
         errors.append(CheckpointError)
+    except ImportError:
+        pass
+    try:
+        from compress.lm_eval_adapter import LMEvalError
+
+        errors.append(LMEvalError)
     except ImportError:
         pass
     try:
@@ -46,8 +53,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     r = recipe.load(args.recipe)
     if args.device:
-        r.device = args.device
-    result = pipeline.run(r, args.output, overwrite=args.overwrite, progress=not args.quiet)
+        r = recipe.parse({**r.model_dump(mode="json"), "device": args.device}, "--device")
+    result = pipeline.run(
+        r, args.output, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume,
+        protect=[Path(args.recipe)],
+    )
     out = Path(args.output) if args.output else r.output_dir()
     ev = result.get("evaluation") or {}
     parts = [f"done: {out}/report.md"]
@@ -63,6 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compress import data, evaluate, models, pipeline
 
     device = pipeline.resolve_device(args.device)
+    if args.tasks:
+        from compress import lm_eval_adapter
+
+        lm_eval_adapter.check_offline(args.tasks)  # before the slow model load
     loaded = models.load(args.model, args.dtype, device, args.trust_remote_code)
     result: dict = {"model": args.model}
     if not args.tasks or args.perplexity:
@@ -71,10 +85,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl = evaluate.perplexity(loaded.model, windows, args.batch_size, device, not args.quiet)
         result["perplexity"] = {**ppl, **corpus.describe(), "bos": data.bos_id(loaded.tokenizer) is not None}
     if args.tasks:
-        from compress import lm_eval_adapter
-
         result["lm_eval"] = lm_eval_adapter.run_tasks(
-            loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size
+            loaded,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=device,
+            num_fewshot=args.num_fewshot,
+            data=args.data,
+            eval_fraction=args.eval_fraction,
+            text_field=args.text_field,
+            seed=args.seed,
         )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -86,8 +107,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"({p['tokens_scored']} scored) of the evaluation split of {p['source']}"
             )
         for task, metrics in (result.get("lm_eval") or {}).items():
-            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr")))
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from compress import compare
+
+    protocol = compare.Protocol(
+        model=args.model,
+        device=args.device,
+        eval_seq_len=args.seq_len,
+        eval_max_windows=args.max_windows,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        tasks=compare_tasks(args.tasks),
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    doc = compare.compare(
+        args.recipes, args.out, protocol, command=command, progress=not args.quiet, log=log, fresh=args.fresh
+    )
+    out = doc["output"]
+    print(f"done: {out}.md, {out}.json, {out}.png ({len(doc['rows'])} rows)")
+    return 0
+
+
+def compare_tasks(tasks: list[str] | None) -> list[str]:
+    from compress.lm_eval_adapter import split_task_names
+
+    return split_task_names(tasks or [])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -110,8 +163,35 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="compress",
         description="Offline compression of causal LMs (RTN, GPTQ, AWQ, MHA→GQA) with evaluation, "
         "export to GPTQ / compressed-tensors safetensors, and a small int4 runtime.",
@@ -123,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file (see recipes/)")
     run.add_argument("--output", "-o", help="output folder (default: the recipe's export.output)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted run from its last completed layer (same recipe, same result)",
+    )
     run.add_argument("--device", help="override the recipe's device (auto, cpu, cuda)")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
@@ -131,19 +215,39 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="model folder, .gguf, .safetensors, hub id, checkpoint, or 'smollm2'")
     ev.add_argument("--data", default="wiki", help="text source (default: the embedded corpus 'wiki')")
     ev.add_argument("--text-field", default="text", help="field holding the text in json/jsonl/parquet")
-    ev.add_argument("--eval-fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
-    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    ev.add_argument("--max-windows", type=int, default=None, help="evaluate on the first N windows only")
-    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--eval-fraction", type=fraction, default=0.1, help="share of documents held out (default 0.1)")
+    ev.add_argument("--seq-len", type=positive_int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-windows", type=positive_int, default=None, help="evaluate on the first N windows only")
+    ev.add_argument("--batch-size", type=positive_int, default=8)
     ev.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (local ones in eval/tasks)")
     ev.add_argument("--perplexity", action="store_true", help="also perplexity when --tasks is given")
-    ev.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("--limit", type=positive_int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (task default)")
+    ev.add_argument("--seed", type=int, default=0, help="lm-eval: seed of sampling and of the local tasks")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="auto")
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--quiet", "-q", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare", help="run several recipes under one protocol: results table (.md, .json) and plot (.png)"
+    )
+    cmp.add_argument("recipes", nargs="+", help="recipe YAML files; a float baseline row is added")
+    cmp.add_argument("--out", "-o", help="output path without suffix (default eval/results/<model>)")
+    cmp.add_argument("--model", help="model for every row (default: the first recipe's)")
+    cmp.add_argument("--seq-len", type=int, help="perplexity window length for every row")
+    cmp.add_argument("--max-windows", type=int, help="perplexity windows for every row")
+    cmp.add_argument("--calib-samples", type=int, help="calibration windows for every row")
+    cmp.add_argument("--calib-seq-len", type=int, help="calibration window length for every row")
+    cmp.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks for every row (local: compress_local)")
+    cmp.add_argument("--limit", type=int, help="lm-eval: examples per task")
+    cmp.add_argument("--batch-size", type=int, help="windows per forward pass")
+    cmp.add_argument("--device", help="override the recipes' device (auto, cpu, cuda)")
+    cmp.add_argument("--fresh", action="store_true", help="redo rows an interrupted run already finished")
+    cmp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="describe an exported checkpoint and verify its checksums")
     ins.add_argument("checkpoint")
@@ -182,15 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore")
+    if getattr(args, "quiet", False):
+        # transformers draws its own bars (loading weights) outside our progress flag.
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("compress: interrupted; no output was left behind", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # pipeline.run raises JobInterrupted (a KeyboardInterrupt) naming what it kept.
+        print(f"compress: interrupted; {str(e) or 'no output was left behind'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except user_errors() as e:
         if args.verbose:
             raise
-        print(f"compress: error: {e}", file=sys.stderr)
+        # One line whatever the message holds (file names and keys come from the user).
+        print(f"compress: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -33,10 +33,25 @@ class EvaluationData(Strict):
     )
 
 
+def _plain_path(v: str) -> str:
+    """Paths and names with NUL or line breaks are never meant (and NUL crashes os calls)."""
+    if not v.strip():
+        raise ValueError("must not be empty")
+    if any(c in v for c in "\x00\r\n"):
+        raise ValueError("must not contain NUL or line breaks")
+    return v
+
+
 class DataConfig(Strict):
     source: str = Field("wiki", description="'wiki' (embedded corpus), a local file, or hub:NAME[:CONFIG]")
     text_field: str = "text"
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of documents held out for evaluation")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _plain_path(v)
+
     calibration: CalibrationData = CalibrationData()
     evaluation: EvaluationData = EvaluationData()
 
@@ -78,6 +93,9 @@ class AWQStage(Strict):
     group_size: int | None = None
     symmetric: bool | None = None
     grid: int = Field(20, ge=1)
+    coarse_step: int = Field(
+        1, ge=1, description="evaluate every n-th α of the grid first, then refine around the best (1: all)"
+    )
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = Field(20, ge=1)
@@ -89,7 +107,9 @@ class AWQStage(Strict):
 class GQAStage(Strict):
     type: Literal["gqa"]
     num_key_value_heads: int = Field(ge=1)
-    pooling: Literal["mean", "fit"] = "mean"
+    pooling: Literal["mean", "fit", "fit_q"] = Field(
+        "mean", description="mean (GQA paper), fit (calibrated refit), fit_q (fit + per-plane query rescale)"
+    )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
 
 
@@ -123,6 +143,11 @@ class ExportConfig(Strict):
     output: str | None = Field(None, description="output folder (default outputs/<recipe name>)")
     max_shard_size: str = "2GB"
 
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str | None) -> str | None:
+        return None if v is None else _plain_path(v)
+
     @field_validator("max_shard_size")
     @classmethod
     def _shard(cls, v: str) -> str:
@@ -134,7 +159,7 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = "smollm2"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$", description="auto, cpu or cuda[:N]")
     trust_remote_code: bool = False
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
@@ -142,6 +167,11 @@ class Recipe(Strict):
     stages: list[Stage] = Field(default_factory=list)
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _no_control_characters(cls, v: str) -> str:
+        return _plain_path(v)
 
     @model_validator(mode="after")
     def _resolve(self) -> Recipe:
@@ -160,6 +190,12 @@ class Recipe(Strict):
             raise ValueError("stages: at most one quantizing stage (rtn or gptq)")
         if self.export.format in ("gptq", "compressed-tensors") and not quantizing:
             raise ValueError(f"export.format: '{self.export.format}' needs a quantizing stage (rtn or gptq)")
+        if self.export.format in ("gptq", "compressed-tensors") and quantizing and quantizing[0].bits not in (2, 4, 8):
+            # Found here, not after hours of calibration when export packs the codes.
+            raise ValueError(
+                f"export.format: '{self.export.format}' packs 2, 4 or 8 bits, the recipe quantizes to "
+                f"{quantizing[0].bits} (use format 'float' or 'none' to evaluate other widths)"
+            )
         return self
 
     @property
@@ -194,7 +230,13 @@ def _format_error(e: ValidationError) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in _STAGE_TAGS))
     msg = err["msg"].removeprefix("Value error, ")
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{loc or 'recipe'}: {msg}{more}"
+    return one_line(f"{loc}: {msg}{more}" if loc else f"{msg}{more}")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Collapse whitespace (keys and values in messages come from the user) and cap the length."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _STAGE_TAGS = {"rtn", "gptq", "awq", "gqa", "drop_layers"}
@@ -206,16 +248,35 @@ def parse(data: object, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(f"{origin}: {_format_error(e)}") from None
+        raise RecipeError(one_line(f"{origin}: {_format_error(e)}")) from None
+    except RecursionError:  # a YAML alias that contains itself
+        raise RecipeError(f"{origin}: a value refers to itself (recursive YAML alias)") from None
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything this big is not one
 
 
 def load(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: too large for a recipe ({path.stat().st_size} bytes)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, origin: str = "recipe") -> Recipe:
+    """A recipe from YAML text; every failure is a one-line RecipeError."""
+    try:
+        data = yaml.safe_load(text)
+    # Besides YAMLError, safe_load raises ValueError (an impossible date such as 2020-13-45),
+    # IndexError ('!!float' with no value), RecursionError (thousands of nested brackets)...:
+    # whatever the parser of untrusted text raises means the same thing.
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RecipeError(f"{path}: not valid YAML ({first})") from None
-    return parse(data, str(path))
+        raise RecipeError(one_line(f"{origin}: not valid YAML ({first})")) from None
+    return parse(data, origin)

@@ -1,0 +1,524 @@
+"""GPTQ (Frantar et al., 2022): column-by-column quantization with second-order error feedback.
+
+For a linear layer with weight W [out, in] and calibration inputs X [n, in], GPTQ minimizes
+‖XWᵀ − XŴᵀ‖² one input column at a time: after rounding column j, the rounding error,
+divided by the j-th diagonal entry of the upper Cholesky factor U of H⁻¹ (H = 2/n·XᵀX),
+is propagated to the not-yet-quantized columns along row j of U. Updates are applied
+lazily: inside a block of ``block_size`` columns immediately, to the columns after the
+block once per block (one matrix product), which is what makes it fast.
+
+This module follows the reference implementation (the GPTQ authors' ``gptq.py``, AutoGPTQ /
+GPTQModel, llm-compressor's ``gptq_quantize.py``) in: the float32 Hessian, dead columns
+(zero diagonal: weight set to 0, diagonal set to 1), dampening as a fraction of the mean
+diagonal, the Cholesky inverse, and the two act-order kinds. It differs where the
+reference has known rough edges:
+
+* a Cholesky failure raises the dampening (×10 each time, up to the whole mean diagonal
+  and then beyond) instead of crashing or producing NaN, and says so in ``notes``;
+* group parameters are computed from the *current* (error-updated) weights of the group
+  even when a group starts inside a block (the reference reads stale weights there);
+* the ``static`` act-order kind computes every group's parameters on the original column
+  order before permuting, so groups stay contiguous and no ``g_idx`` is needed;
+* codes are produced with :mod:`compress.quant.int4` (float16-representable scales), so the
+  weights GPTQ propagates errors against are exactly those export writes.
+
+Everything here is a pure function of tensors; :class:`GPTQStage` is the thin part that
+collects Hessians on the layer-by-layer engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from compress.calibrate import LayerContext
+from compress.quant.common import QuantizingStage
+from compress.quant.int4 import QuantArgs, QuantizedWeight, check_args, compute_qparams, fake_quantize_rows
+
+log = logging.getLogger("compress")
+
+ActOrder = Literal["none", "static", "g_idx"]
+ACT_ORDERS: tuple[str, ...] = ("none", "static", "g_idx")
+
+
+class GPTQError(ValueError):
+    """Input GPTQ cannot work with (shapes, non-finite Hessian, bad options); one line."""
+
+
+@dataclass(frozen=True)
+class MSEGrid:
+    """Clip search per group (the reference quantizer's ``mse`` option).
+
+    Tries shrink factors 1, 1 − 1/grid, ... down to 1 − max_shrink and keeps, per output
+    row, the one with the least Σ|w − ŵ|^norm.
+    """
+
+    grid: int = 100
+    max_shrink: float = 0.8
+    norm: float = 2.4
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedWeight
+    damp: float  # the dampening finally added to the diagonal (absolute)
+    damp_fraction: float  # ... as a fraction of the mean diagonal
+    damp_increased: bool
+    dead_columns: int
+    loss: float  # Σ (w − q)² / U_jj² / 2: the reference's estimate of the output error increase
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Pieces shared by the blocked implementation and the slow reference in the tests
+# ---------------------------------------------------------------------------
+
+
+def group_qparams(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row scale and zero of one group ``w`` [out, k], optionally searching a clip."""
+    scale, zero = compute_qparams(w, args)
+    if mse is None:
+        return scale, zero
+    w = w.float()
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
+    for i in range(int(mse.max_shrink * mse.grid)):
+        shrink = 1.0 - i / mse.grid
+        s, z = compute_qparams(w, args, shrink) if i else (scale, zero)
+        err = (fake_quantize_rows(w, s, z, args.maxq) - w).abs_().pow_(mse.norm).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        if i == 0:
+            scale, zero = s.clone(), z.clone()
+        else:
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def rtn_quantize(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> QuantizedWeight:
+    """Round to nearest per contiguous group, with the same (optional) clip search as GPTQ."""
+    out_features, in_features = w.shape
+    width = args.group_width(in_features)
+    groups = args.num_groups(in_features)
+    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(out_features, groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out_features, groups, dtype=torch.int32, device=w.device)
+    for g in range(groups):
+        cols = slice(g * width, min((g + 1) * width, in_features))
+        s, z = group_qparams(w[:, cols], args, mse)
+        codes[:, cols] = torch.clamp(torch.round(w[:, cols].float() / s[:, None]) + z[:, None], 0, args.maxq).to(
+            torch.uint8
+        )
+        scales[:, g], zeros[:, g] = s, z
+    return QuantizedWeight(codes, scales, zeros, args.bits, args.group_size, args.symmetric)
+
+
+def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Copies of H (float, dead diagonal set to 1) and W (dead columns zeroed), and the dead mask."""
+    if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != w.shape[1]:
+        raise GPTQError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
+    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+    h = h.to(dtype).clone()
+    if not torch.isfinite(h).all():
+        raise GPTQError("the Hessian has non-finite entries (inf or NaN calibration activations)")
+    w = w.to(dtype).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w, dead
+
+
+def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, float, int]:
+    """Upper Cholesky factor of (H + λI)⁻¹, with λ = damp_fraction · mean(diag H).
+
+    When a factorization fails (H singular or badly conditioned in float32) λ grows ×10
+    until it succeeds. Returns (U, λ, the fraction used, retries).
+    """
+    mean_diag = torch.diag(h).mean().item()
+    if not mean_diag > 0:
+        mean_diag = 1.0
+    fraction = damp_fraction
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for attempt in range(12):
+        damp = fraction * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all() and (torch.diag(upper) > 0).all():
+                return upper, damp, fraction, attempt
+        fraction *= 10.0
+    raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
+
+
+def act_order_permutation(h: Tensor) -> Tensor:
+    """Columns by decreasing Hessian diagonal (stable, so equal diagonals keep their order)."""
+    return torch.argsort(torch.diag(h), descending=True, stable=True)
+
+
+# ---------------------------------------------------------------------------
+# The blocked algorithm
+# ---------------------------------------------------------------------------
+
+
+def gptq_quantize(
+    weight: Tensor,
+    hessian: Tensor,
+    args: QuantArgs,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: ActOrder = "static",
+    mse: MSEGrid | bool | None = None,
+) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` [out, in] given the Hessian [in, in] of its inputs."""
+    return run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse).qweight
+
+
+def run_gptq(
+    weight: Tensor,
+    hessian: Tensor,
+    args: QuantArgs,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    act_order: ActOrder = "static",
+    mse: MSEGrid | bool | None = None,
+) -> GPTQResult:
+    """:func:`gptq_quantize` with what happened on the way (dampening, dead columns, loss)."""
+    check_args(args)
+    if act_order not in ACT_ORDERS:
+        raise GPTQError(f"act_order must be one of {', '.join(ACT_ORDERS)}, got '{act_order}'")
+    if not 0 < damp_percent < 1:
+        raise GPTQError(f"damp_percent must be between 0 and 1, got {damp_percent}")
+    if block_size < 1:
+        raise GPTQError(f"block_size must be positive, got {block_size}")
+    if mse is True:
+        mse = MSEGrid()
+    elif mse is False:
+        mse = None
+    with _one_thread_on_cpu(weight.device):
+        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse)
+
+
+def _run_gptq(
+    weight: Tensor,
+    hessian: Tensor,
+    args: QuantArgs,
+    damp_percent: float,
+    block_size: int,
+    act_order: ActOrder,
+    mse: MSEGrid | None,
+) -> GPTQResult:
+    h, w, dead = prepare_hessian(hessian, weight)
+    out_features, columns = w.shape
+    width = args.group_width(columns)
+    groups = args.num_groups(columns)
+    notes: list[str] = []
+
+    # Group parameters fixed before any error feedback: one group per row, or act-order
+    # 'static' (computed on the original column order, so groups stay contiguous).
+    fixed_params = args.group_size == -1 or act_order == "static"
+    scales = torch.empty(out_features, groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out_features, groups, dtype=torch.int32, device=w.device)
+    if fixed_params:
+        for g in range(groups):
+            s, z = group_qparams(w[:, g * width : min((g + 1) * width, columns)], args, mse)
+            scales[:, g], zeros[:, g] = s, z
+
+    perm = act_order_permutation(h) if act_order != "none" else None
+    if perm is not None:
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    # group_of[j]: group of the j-th processed column.
+    if fixed_params:
+        original = perm if perm is not None else torch.arange(columns, device=w.device)
+        group_of = (original // width).tolist()
+    else:
+        group_of = [j // width for j in range(columns)]
+
+    hinv, damp, fraction, retries = inverse_cholesky(h, damp_percent)
+    if retries:
+        notes.append(
+            f"dampening raised from {damp_percent:g} to {fraction:g} of the mean Hessian diagonal "
+            "(Cholesky failed: Hessian singular or badly conditioned)"
+        )
+    if dead.any():
+        notes.append(f"{int(dead.sum())} dead input column(s) (never active in calibration): weights set to 0")
+
+    codes = torch.zeros(out_features, columns, dtype=torch.float32, device=w.device)
+    losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
+    _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
+
+    g_idx = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        codes = codes[:, inverse]
+        if not fixed_params:
+            # Column perm[j] was quantized j-th, in group j // width of the processing order.
+            g_idx = (inverse // width).to(torch.int32)
+    qweight = QuantizedWeight(codes.to(torch.uint8), scales, zeros, args.bits, args.group_size, args.symmetric, g_idx)
+    return GPTQResult(qweight, damp, fraction, retries > 0, int(dead.sum()), float(losses.sum()), notes)
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """GPTQ on CPU is thousands of small operations and a few modest factorizations:
+    thread hand-offs cost more than they save (on 2 busy shared cores, 15x more), so
+    run it on one thread. Hessian accumulation (the big products) keeps every thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _blocked_updates(
+    w: Tensor,
+    hinv: Tensor,
+    codes: Tensor,
+    losses: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_of: list[int],
+    fixed_params: bool,
+    width: int,
+    args: QuantArgs,
+    mse: MSEGrid | None,
+    block_size: int,
+) -> None:
+    """The GPTQ sweep over the (permuted) columns of ``w``, in place; fills codes and losses.
+
+    With ``fixed_params`` False, a group's scale and zero are computed when its first
+    column is reached, from the weights as updated so far.
+    """
+    columns = w.shape[1]
+    maxq = args.maxq
+    # Per-group parameters as contiguous rows, looked up once per column.
+    scales_t = scales.T.contiguous()
+    zeros_t = zeros.T.float().contiguous()
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        codes1 = torch.zeros(w.shape[0], i2 - i1, dtype=torch.float32, device=w.device)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1).tolist()
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = group_of[j]
+            if not fixed_params and j % width == 0:
+                current = _current_group(w, w1, err1, hinv, i1, i2, j, min(j + width, columns))
+                s, z = group_qparams(current, args, mse)
+                scales_t[g], zeros_t[g] = s, z.float()
+            s, z = scales_t[g], zeros_t[g]
+            col = w1[:, i]
+            # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
+            c = torch.div(col.float(), s).round_().add_(z).clamp_(0, maxq)
+            codes1[:, i] = c
+            err = (col - c.sub_(z).mul_(s).to(col.dtype)).div_(diag[i])
+            err1[:, i] = err
+            # Rank-1 update of the rest of the block (column i itself is done).
+            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)
+        codes[:, i1:i2] = codes1
+        losses += (err1 * err1).sum(dim=1).float() / 2
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    scales.copy_(scales_t.T)
+    zeros.copy_(zeros_t.T.to(torch.int32))
+
+
+def _current_group(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
+    """Weights of processed columns [start, end) with every update so far applied.
+
+    Inside the block they are in ``w1``; past the block, ``w`` still lacks the updates of
+    the block's columns already quantized (applied lazily at the block's end).
+    """
+    inside = w1[:, start - i1 : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    done = start - i1
+    beyond = w[:, i2:end] - err1[:, :done] @ hinv[i1:start, i2:end]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Records for consecutive row ranges of ``qw`` (one per stacked linear)."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        out.append(
+            QuantizedWeight(
+                qw.codes[rows].clone(),
+                qw.scales[rows].clone(),
+                qw.zeros[rows].clone(),
+                qw.bits,
+                qw.group_size,
+                qw.symmetric,
+                None if qw.g_idx is None else qw.g_idx.clone(),
+            )
+        )
+        start += n
+    return out
+
+
+def hessian_from_inputs(x: Tensor) -> Tensor:
+    """H = 2/n · Σ x xᵀ over the n rows of ``x`` [..., in], in float32."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return 2.0 / x.shape[0] * (x.T @ x)
+
+
+# ---------------------------------------------------------------------------
+# The stage: Hessians from the layer-by-layer engine, true-sequential order
+# ---------------------------------------------------------------------------
+
+
+class HessianAccumulator:
+    """Running Σ x xᵀ (float32) and token count for one input; :meth:`hessian` gives 2/n·Σ."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> Tensor:
+        if self.tokens == 0:
+            raise GPTQError("no calibration tokens reached this linear")
+        return self.sum * (2.0 / self.tokens)
+
+
+class _StopLayer(Exception):
+    pass
+
+
+class GPTQStage(QuantizingStage):
+    name = "gptq"
+    needs_calibration = True
+
+    def __init__(
+        self,
+        args: QuantArgs,
+        ignore: list[str] | None = None,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        act_order: ActOrder = "static",
+        mse: bool = False,
+        true_sequential: bool = True,
+    ):
+        super().__init__(args, ignore)
+        self.damp_percent = damp_percent
+        self.block_size = block_size
+        self.act_order = act_order
+        self.mse = MSEGrid() if mse else None
+        self.true_sequential = true_sequential
+        self.notes: list[str] = []
+        self.losses: dict[str, float] = {}
+
+    @classmethod
+    def from_recipe(cls, entry) -> GPTQStage:
+        return cls(
+            QuantArgs(entry.bits, entry.group_size, entry.symmetric),
+            entry.ignore,
+            damp_percent=entry.damp_percent,
+            block_size=entry.block_size,
+            act_order=entry.act_order,
+            mse=entry.mse,
+            true_sequential=entry.true_sequential,
+        )
+
+    def apply_layer(self, ctx: LayerContext) -> None:
+        steps = ctx.arch.sequential if self.true_sequential else (ctx.arch.linears,)
+        for names in steps:
+            targets = list(self.targets(ctx, names))
+            if not targets:
+                continue
+            hessians = self.collect_hessians(ctx, [short for short, _ in targets])
+            # Linears reading the same input (q/k/v, gate/up) share H, hence U: GPTQ treats
+            # rows independently, so one run on their stacked rows gives each one's result
+            # with one factorization and a third of the column steps.
+            shared: dict[int, list[tuple[str, nn.Linear]]] = {}
+            for short, module in targets:
+                shared.setdefault(id(hessians[short]), []).append((short, module))
+            for members in shared.values():
+                self.quantize_linears(ctx.name, members, hessians[members[0][0]])
+
+    def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
+        weights = [module.weight.data for _, module in members]
+        result = run_gptq(
+            torch.cat(weights) if len(weights) > 1 else weights[0],
+            hessian,
+            self.args,
+            self.damp_percent,
+            self.block_size,
+            self.act_order,
+            self.mse,
+        )
+        label = f"{prefix}." + "+".join(short for short, _ in members)
+        for note in result.notes:
+            message = f"{label}: {note}"
+            self.notes.append(message)
+            log.warning(message)
+        self.losses[label] = result.loss
+        parts = split_rows(result.qweight, [w.shape[0] for w in weights])
+        for (short, module), qw in zip(members, parts, strict=True):
+            self.record(f"{prefix}.{short}", module, qw)
+
+    @torch.no_grad()
+    def collect_hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
+        """Hessians of the inputs of ``names``, running the (partly quantized) layer.
+
+        Linears that read the same tensor (q/k/v; gate/up) share one Hessian. Each batch's
+        forward stops as soon as every wanted input has been seen: what comes after cannot
+        change them, so quantizing q/k/v costs no attention and o_proj no MLP.
+        """
+        accumulators: dict[str, HessianAccumulator] = {}
+        alias: dict[str, str] = {}  # name -> the name whose (identical) input it shares
+        batch_inputs: list[tuple[Tensor, str]] = []
+        batch_seen: set[str] = set()
+        wanted = set(names)
+
+        def make_hook(name: str):
+            def hook(module: nn.Module, inputs: tuple, output) -> None:
+                x = inputs[0]
+                owner = next((n for t, n in batch_inputs if t is x), None)
+                if owner is not None and owner != name:
+                    alias[name] = owner
+                else:
+                    batch_inputs.append((x, name))
+                    if name not in accumulators:
+                        accumulators[name] = HessianAccumulator(x.shape[-1], x.device)
+                    accumulators[name].add(x)
+                batch_seen.add(name)
+                if batch_seen >= wanted:
+                    raise _StopLayer
+
+            return hook
+
+        with ctx.hooked({n: make_hook(n) for n in names}):
+            for hidden, kwargs in zip(ctx.inputs.hidden, ctx.inputs.kwargs, strict=True):
+                batch_inputs.clear()
+                batch_seen.clear()
+                try:
+                    ctx.layer(hidden, **kwargs)
+                except _StopLayer:
+                    pass
+        out: dict[str, Tensor] = {}
+        for n in names:
+            source = alias.get(n, n)
+            if source not in accumulators:
+                raise GPTQError(f"{ctx.name}: the layer's forward never reached {n}")
+            if source not in out:
+                out[source] = accumulators[source].hessian()
+            out[n] = out[source]
+        return out

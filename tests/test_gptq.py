@@ -1,0 +1,330 @@
+"""GPTQ against RTN, against a slow column-by-column reference, and on hostile Hessians."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from compress import recipe as R
+from compress import stages
+from compress.arch import arch_for
+from compress.calibrate import run_layerwise
+from compress.quant import int4
+from compress.quant.gptq import (
+    ACT_ORDERS,
+    GPTQError,
+    GPTQStage,
+    MSEGrid,
+    act_order_permutation,
+    gptq_quantize,
+    group_qparams,
+    hessian_from_inputs,
+    rtn_quantize,
+    run_gptq,
+    split_rows,
+)
+from compress.quant.int4 import QuantArgs
+from compress.quant.rtn import RTNStage
+from tests.conftest import make_tiny_model
+
+# A small clip grid keeps the MSE cases fast; the search is the same code at any size.
+SMALL_MSE = MSEGrid(grid=10, max_shrink=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Thousands of tiny operations: on shared cores one thread is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def correlated_problem(out_features=48, in_features=160, tokens=768, seed=0, dtype=torch.float32):
+    """Weights and inputs whose features are strongly correlated, with uneven scales (as in LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_features, in_features, generator=g) / in_features**0.5
+    scale = torch.exp(torch.randn(in_features, generator=g))
+    x = (torch.randn(tokens, 24, generator=g) @ torch.randn(24, in_features, generator=g)) * 0.7
+    x = (x + torch.randn(tokens, in_features, generator=g) @ mix) * scale
+    w = torch.randn(out_features, in_features, generator=g) * 0.05
+    return w.to(dtype), x.to(dtype)
+
+
+def output_error(x, w, w_hat):
+    return ((x.double() @ (w.double() - w_hat.double()).T) ** 2).sum().item()
+
+
+# ---------------------------------------------------------------------------
+# The slow, obvious reference: one column at a time, float64, no blocks, no lazy updates
+# ---------------------------------------------------------------------------
+
+
+def slow_gptq(w, h, args, damp_percent=0.01, act_order="none", mse=None):
+    """Textbook GPTQ: quantize column j, push its error onto columns > j along row j of U,
+    where Uᵀ U = (H + λI)⁻¹."""
+    w, h = w.double().clone(), h.double().clone()
+    out_features, columns = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    width = args.group_width(columns)
+    groups = args.num_groups(columns)
+    scales = torch.zeros(out_features, groups)
+    zeros = torch.zeros(out_features, groups, dtype=torch.int32)
+    fixed = args.group_size == -1 or act_order == "static"
+    if fixed:
+        for g in range(groups):
+            scales[:, g], zeros[:, g] = group_qparams(w[:, g * width : (g + 1) * width], args, mse)
+    perm = act_order_permutation(h) if act_order != "none" else torch.arange(columns)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp_percent * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h)).T  # upper, Uᵀ U = H⁻¹
+    codes = torch.zeros(out_features, columns, dtype=torch.uint8)
+    group_of = []
+    for j in range(columns):
+        g = int(perm[j]) // width if fixed else j // width
+        if not fixed and j % width == 0:
+            scales[:, g], zeros[:, g] = group_qparams(w[:, j : j + width], args, mse)
+        s, z = scales[:, g], zeros[:, g].float()
+        c = torch.clamp(torch.round(w[:, j].float() / s) + z, 0, args.maxq)
+        q = ((c - z) * s).double()
+        codes[:, j] = c.to(torch.uint8)
+        group_of.append(g)
+        w[:, j:] -= torch.outer((w[:, j] - q) / u[j, j], u[j, j:])
+    inverse = torch.argsort(perm)
+    g_idx = torch.tensor(group_of)[inverse].to(torch.int32) if not fixed else None
+    return int4.QuantizedWeight(codes[:, inverse], scales, zeros, args.bits, args.group_size, args.symmetric, g_idx)
+
+
+ALL_OPTIONS = list(itertools.product((-1, 32, 64, 128), (True, False), ACT_ORDERS, (False, True)))
+
+
+@pytest.mark.parametrize("group_size,symmetric,act_order,mse", ALL_OPTIONS)
+def test_gptq_output_error_below_rtn_for_every_option(group_size, symmetric, act_order, mse):
+    # 160 inputs: group 64 and 128 leave a ragged last group.
+    w, x = correlated_problem()
+    args = QuantArgs(4, group_size, symmetric)
+    grid = SMALL_MSE if mse else None
+    qw = gptq_quantize(w, hessian_from_inputs(x), args, act_order=act_order, mse=grid)
+    gptq_err = output_error(x, w, qw.dequantize())
+    rtn_err = output_error(x, w, rtn_quantize(w, args, grid).dequantize())
+    assert gptq_err < 0.8 * rtn_err
+    assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) <= args.maxq
+    assert qw.scales.shape == (48, args.num_groups(160))
+    # Scales survive the float16 round trip export makes.
+    assert torch.equal(qw.scales.half().float(), qw.scales)
+    assert (qw.g_idx is not None) == (act_order == "g_idx" and group_size != -1)
+
+
+@pytest.mark.parametrize("group_size,symmetric,act_order,mse", ALL_OPTIONS[::3] + ALL_OPTIONS[1::7])
+def test_identity_hessian_is_exactly_rtn(group_size, symmetric, act_order, mse):
+    w, _ = correlated_problem(seed=1)
+    args = QuantArgs(4, group_size, symmetric)
+    grid = SMALL_MSE if mse else None
+    qw = gptq_quantize(w, torch.eye(w.shape[1]), args, act_order=act_order, mse=grid)
+    expected = rtn_quantize(w, args, grid)
+    assert torch.equal(qw.codes, expected.codes)
+    assert torch.equal(qw.scales, expected.scales)
+    assert torch.equal(qw.zeros, expected.zeros)
+    assert torch.equal(qw.group_index(), expected.group_index())
+    if not mse:  # and our RTN is the shared int4 one
+        assert torch.equal(qw.dequantize(), int4.quantize(w, args).dequantize())
+
+
+@pytest.mark.parametrize(
+    "group_size,act_order,symmetric,block_size",
+    [
+        (32, "none", True, 128),
+        (32, "none", False, 40),  # groups straddle blocks: group params from lazily updated weights
+        (128, "g_idx", True, 48),
+        (64, "g_idx", False, 128),
+        (64, "static", True, 37),
+        (-1, "static", False, 128),
+        (-1, "none", True, 16),
+    ],
+)
+def test_blocked_agrees_with_slow_reference(group_size, act_order, symmetric, block_size):
+    w, x = correlated_problem(out_features=32, in_features=160, seed=2, dtype=torch.float64)
+    h = (2.0 / x.shape[0]) * (x.T @ x)  # float64, unlike hessian_from_inputs
+    args = QuantArgs(4, group_size, symmetric)
+    fast = gptq_quantize(w, h, args, block_size=block_size, act_order=act_order)
+    slow = slow_gptq(w, h, args, act_order=act_order)
+    # float64 throughout: the two orders of summation may only disagree on exact rounding ties.
+    assert (fast.codes != slow.codes).float().mean().item() < 1e-3
+    torch.testing.assert_close(fast.scales, slow.scales.float())
+    assert torch.equal(fast.zeros, slow.zeros)
+    assert torch.equal(fast.group_index(), slow.group_index())
+
+
+def test_blocked_float32_matches_slow_reference_in_error():
+    w, x = correlated_problem(seed=3)
+    h = hessian_from_inputs(x)
+    args = QuantArgs(4, 64, True)
+    fast = output_error(x, w, gptq_quantize(w, h, args, act_order="g_idx").dequantize())
+    slow = output_error(x, w, slow_gptq(w, h, args, act_order="g_idx").dequantize())
+    assert fast == pytest.approx(slow, rel=0.02)
+
+
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
+def test_stacked_rows_equal_separate_runs(act_order):
+    """The stage quantizes q/k/v (and gate/up) as one stacked matrix: rows are independent."""
+    w, x = correlated_problem(out_features=40, seed=8, dtype=torch.float64)
+    h = (2.0 / x.shape[0]) * (x.T @ x)
+    args = QuantArgs(4, 32, False)
+    parts = split_rows(gptq_quantize(w, h, args, act_order=act_order), [24, 8, 8])
+    for part, rows in zip(parts, (slice(0, 24), slice(24, 32), slice(32, 40)), strict=True):
+        alone = gptq_quantize(w[rows], h, args, act_order=act_order)
+        assert (part.codes != alone.codes).float().mean().item() < 1e-3
+        assert torch.equal(part.group_index(), alone.group_index())
+
+
+def test_act_order_g_idx_groups_follow_processing_order():
+    w, x = correlated_problem(seed=4)
+    h = hessian_from_inputs(x)
+    qw = gptq_quantize(w, h, QuantArgs(4, 32, True), act_order="g_idx")
+    perm = act_order_permutation(h)
+    assert torch.equal(qw.g_idx[perm].long(), torch.arange(160) // 32)
+    assert qw.has_act_order_g_idx()
+    static = gptq_quantize(w, h, QuantArgs(4, 32, True), act_order="static")
+    assert static.g_idx is None
+
+
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
+def test_singular_hessians_give_finite_weights(act_order):
+    w, x = correlated_problem(seed=5)
+    x = x[:40].clone()  # fewer tokens than inputs: rank deficient
+    x[:, 7] = x[:, 3]  # duplicate columns
+    x[:, 100] = x[:, 3]
+    x[:, [10, 11, 150]] = 0.0  # dead columns
+    result = run_gptq(w, hessian_from_inputs(x), QuantArgs(4, 32, False), act_order=act_order)
+    deq = result.qweight.dequantize()
+    assert torch.isfinite(deq).all()
+    assert result.dead_columns == 3
+    assert torch.all(deq[:, [10, 11, 150]] == 0)
+    assert any("dead" in n for n in result.notes)
+    assert output_error(x, w, deq) < output_error(x, w, int4.quantize(w, QuantArgs(4, 32, False)).dequantize())
+
+
+def test_indefinite_hessian_raises_dampening_and_says_so():
+    w, x = correlated_problem(seed=6)
+    h = hessian_from_inputs(x)
+    # A Hessian accumulated badly (negative eigenvalue), on which 1% dampening is not enough.
+    eigvals, eigvecs = torch.linalg.eigh(h.double())
+    eigvals[0] = -0.05 * torch.diag(h).mean().double()
+    bad = (eigvecs * eigvals) @ eigvecs.T
+    result = run_gptq(w, bad.float(), QuantArgs(4, 64, True))
+    assert result.damp_increased and result.damp_fraction >= 0.1
+    assert any("dampening raised" in n for n in result.notes)
+    assert torch.isfinite(result.qweight.dequantize()).all()
+    # All-zero Hessian: every column dead, weights zero, still finite.
+    zero = run_gptq(w, torch.zeros(160, 160), QuantArgs(4, 64, False))
+    assert zero.dead_columns == 160 and torch.all(zero.qweight.dequantize() == 0)
+
+
+def test_bad_input_is_one_error():
+    w, x = correlated_problem(seed=7)
+    h = hessian_from_inputs(x)
+    with pytest.raises(GPTQError, match="does not fit"):
+        gptq_quantize(w, h[:10, :10], QuantArgs())
+    h[0, 0] = float("nan")
+    with pytest.raises(GPTQError, match="non-finite"):
+        gptq_quantize(w, h, QuantArgs())
+    with pytest.raises(GPTQError, match="act_order"):
+        gptq_quantize(w, hessian_from_inputs(x), QuantArgs(), act_order="sideways")
+
+
+# ---------------------------------------------------------------------------
+# The stage on a tiny model
+# ---------------------------------------------------------------------------
+
+
+def _logit_error(model, reference_logits, windows):
+    with torch.no_grad():
+        return ((model(input_ids=windows).logits - reference_logits) ** 2).mean().item()
+
+
+def _calibration(seed=0, n=16, length=48):
+    g = torch.Generator().manual_seed(seed)
+    # Mostly a few frequent tokens: correlated, non-isotropic activations, as in real text.
+    base = torch.randint(0, 40, (n, length), generator=g)
+    return torch.where(torch.rand(n, length, generator=g) < 0.2, torch.randint(0, 256, (n, length), generator=g), base)
+
+
+def test_stage_quantizes_every_linear_and_beats_rtn():
+    windows = _calibration(n=8)
+    model = make_tiny_model(layers=2)
+    arch = arch_for(model)
+    with torch.no_grad():
+        reference = model(input_ids=windows).logits
+    args = QuantArgs(4, 32, True)
+    errors = {}
+    for name, stage in (("rtn", RTNStage(args, ["lm_head"])), ("gptq", GPTQStage(args, ["lm_head"]))):
+        m = make_tiny_model(layers=2)
+        run_layerwise(m, arch, windows, [stage], batch_size=8, progress=False)
+        assert len(stage.quantized) == 2 * 7
+        for full, qw in stage.quantized.items():
+            # The model holds exactly the weights the record (and so the export) stands for.
+            assert torch.equal(m.get_submodule(full).weight.data, qw.dequantize())
+        errors[name] = _logit_error(m, reference, windows)
+    assert errors["gptq"] < errors["rtn"]
+
+
+def _appender(store: list):
+    return lambda module, args, output: store.append(args[0])
+
+
+def test_stage_true_sequential_hessians_see_quantized_earlier_linears():
+    windows = _calibration(seed=1, n=6)
+    model = make_tiny_model(layers=1)
+    arch = arch_for(model)
+    stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head"])
+    captured = {}
+
+    class Spy:
+        """Wraps collect_hessians to compare each Hessian with one from a plain forward."""
+
+        name = "spy"
+
+        def apply_layer(self, ctx):
+            original = stage.collect_hessians
+
+            def spying(ctx, names):
+                inputs = {n: [] for n in names}
+                hooks = {n: _appender(inputs[n]) for n in names}
+                ctx.forward(hooks)
+                got = original(ctx, names)
+                for n in names:
+                    expected = hessian_from_inputs(torch.cat(inputs[n]))
+                    torch.testing.assert_close(got[n], expected, rtol=1e-4, atol=1e-6)
+                    captured[n] = got[n]
+                return got
+
+            stage.collect_hessians = spying
+            stage.apply_layer(ctx)
+
+    run_layerwise(model, arch, windows, [Spy()], batch_size=4, progress=False)
+    assert set(captured) == set(arch.linears)
+    assert captured["self_attn.q_proj"] is captured["self_attn.k_proj"] is captured["self_attn.v_proj"]
+    assert captured["mlp.gate_proj"] is captured["mlp.up_proj"]
+    # With true-sequential off, o_proj's Hessian comes from the float layer instead: it differs.
+    float_model = make_tiny_model(layers=1)
+    inputs = []
+    hook = float_model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0]))
+    with torch.no_grad():
+        float_model(input_ids=windows)
+    hook.remove()
+    assert not torch.allclose(captured["self_attn.o_proj"], hessian_from_inputs(torch.cat(inputs)), rtol=1e-3)
+
+
+def test_stage_from_recipe_and_ignore():
+    entry = R.GPTQStage(type="gptq", group_size=64, symmetric=False, act_order="g_idx", damp_percent=0.05)
+    stage = stages.build(entry)
+    assert isinstance(stage, GPTQStage)
+    assert (stage.args, stage.act_order, stage.damp_percent) == (QuantArgs(4, 64, False), "g_idx", 0.05)
+    model = make_tiny_model(layers=1)
+    stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head", "mlp.*"], true_sequential=False)
+    run_layerwise(model, arch_for(model), _calibration(n=4), [stage], progress=False)
+    assert sorted(stage.quantized) == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
