@@ -370,8 +370,12 @@ class _NoDraft:
 PROMPT_LOOKUP = ("prompt-lookup", "lookup")
 
 
-def open_draft(spec: str, target, backend: str = "auto", clock: Callable[[], float] | None = None):
-    """(draft, draft runtime or None, description) for ``--draft``: a checkpoint or 'prompt-lookup'."""
+def open_draft(spec: str, target, backend: str = "auto", head: str = "float"):
+    """(draft, draft runtime or None, description) for ``--draft``: a checkpoint or 'prompt-lookup'.
+
+    ``head='int4'`` quantizes the draft's float output layer at load: a fifth of a small model's
+    weights, and a draft only has to be fast and agree often (the output stays exact).
+    """
     from compress.runtime.errors import RuntimeInputError
 
     if spec in PROMPT_LOOKUP:
@@ -379,7 +383,7 @@ def open_draft(spec: str, target, backend: str = "auto", clock: Callable[[], flo
     from compress.runtime.generate import load
 
     try:
-        draft_rt = load(spec, device=target.device, backend=backend)
+        draft_rt = load(spec, device=target.device, backend=backend, head=head)
     except ValueError as e:  # a back end that cannot run on the device
         raise RuntimeInputError(str(e)) from e
     check_same_vocabulary(target, draft_rt)
@@ -460,7 +464,7 @@ def cli_generate(args, llm) -> int:
     adaptive = bool(getattr(args, "speculate_adaptive", False))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     backend = "cpu" if args.backend == "kernel" and llm.device.type == "cpu" else args.backend
-    draft, draft_rt, description = open_draft(args.draft, llm, backend)
+    draft, draft_rt, description = open_draft(args.draft, llm, backend, getattr(args, "draft_head", "float"))
     ids = llm.encode(args.prompt, args.chat)
     if not ids:
         raise RuntimeInputError("empty prompt")
