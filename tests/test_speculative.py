@@ -409,3 +409,59 @@ def test_runtime_caches_consistent_after_rejections(runtime_models, k):
         draft_fresh = other.model(torch.tensor([seq]), torch.arange(len(seq)))[0, -1]
     torch.testing.assert_close(cached, fresh, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(draft_cached, draft_fresh, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- drafts by dropping layers
+
+
+def test_block_influence_and_choice():
+    from compress.drop_layers import block_influence, choose_layers
+
+    h = torch.randn(2, 5, 8)
+    assert abs(block_influence(h, h)) < 1e-6
+    assert abs(block_influence(h, 3 * h) - 0.0) < 1e-6  # scale does not turn the residual stream
+    assert abs(block_influence(h, -h) - 2.0) < 1e-6
+    assert choose_layers([0.1, 0.5, 0.05, 0.3], 2) == [1, 3]
+    assert choose_layers([0.2, 0.2, 0.2], 2) == [0, 1]
+
+
+def test_remove_layers_equals_a_model_built_with_those_layers():
+    from compress.arch import arch_for
+    from compress.drop_layers import remove_layers, rename_keys
+
+    model = make_tiny_model(layers=4, vocab=64, seed=0)
+    kept = [0, 2]
+    reference = make_tiny_model(layers=2, vocab=64, seed=5)
+    state = rename_keys(model.state_dict(), "model.layers", {0: 0, 2: 1})
+    reference.load_state_dict(state)
+    mapping = remove_layers(model, arch_for(model), kept)
+    assert mapping == {0: 0, 2: 1} and model.config.num_hidden_layers == 2
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_drop_layers_stage_with_quantizer():
+    """Scored on calibration windows, dropped in finish; the quantizer's records follow the renumbering."""
+    from compress.arch import arch_for
+    from compress.calibrate import run_layerwise
+    from compress.drop_layers import DropLayersStage
+    from compress.quant.int4 import QuantArgs
+    from compress.quant.rtn import RTNStage
+
+    model = make_tiny_model(layers=4, vocab=64, seed=0)
+    arch = arch_for(model)
+    windows = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    drop, rtn = DropLayersStage(keep=3), RTNStage(QuantArgs(4, 32, True), ["lm_head"])
+    final = run_layerwise(model, arch, windows, [drop, rtn], "cpu", 2, progress=False)
+    drop.finish(model, arch, final)
+    assert len(model.model.layers) == 3 and len(drop.scores) == 4
+    dropped = next(i for i in range(4) if i not in drop.mapping)
+    assert drop.scores[dropped] == min(drop.scores.values())
+    records = drop.rename_quantized(rtn.quantized)
+    assert len(records) == 3 * len(arch.linears)
+    for name, qw in records.items():
+        torch.testing.assert_close(model.get_submodule(name).weight, qw.dequantize(torch.float32))
+    model(windows)  # still runs
+    again = DropLayersStage(keep=3)
+    again.load_resume_state(drop.resume_state())
+    assert again.scores == pytest.approx(drop.scores)
