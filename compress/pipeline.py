@@ -347,6 +347,9 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
     for s in built:
         if isinstance(s.stage, QuantizingStage):
             quantized.update(s.stage.quantized)
+    for s in built:  # a stage that removed layers renumbers the records (drop_layers)
+        if hasattr(s.stage, "rename_quantized"):
+            quantized = s.stage.rename_quantized(quantized)
 
     if recipe.eval.perplexity:
         t = time.perf_counter()
