@@ -209,3 +209,43 @@ def test_damaged_progress_is_a_clean_error(setup, monkeypatch, capsys):
     (progress / "state.json").write_text("{not json")
     assert main(["run", str(path), "-q", "--resume"]) == 2
     assert "unreadable progress" in capsys.readouterr().err
+
+
+def test_reshaping_stage_needs_restore_layer(tmp_path):
+    """Progress of a stage that changed tensor shapes resumes only through its restore_layer."""
+    from compress.calibrate import LayerInputs
+    from compress.resume import Progress, ResumeError
+    from tests.conftest import make_tiny_model
+
+    class Shrink:
+        name = "shrink"
+
+        def apply(self, layer):
+            v = layer.self_attn.v_proj
+            v.weight.data = v.weight.data[:16].clone()
+
+    class ShrinkWithRestore(Shrink):
+        def __init__(self):
+            self.restored: list[int] = []
+
+        def restore_layer(self, model, layer, index):
+            self.restored.append(index)
+
+    model = make_tiny_model(layers=2)
+    layers = model.model.layers
+    Shrink().apply(layers[0])
+    progress = Progress(tmp_path, "fp")
+    progress.start()
+    progress.save_layer(0, "model.layers.0", layers[0], [Shrink()], LayerInputs([torch.zeros(1, 4, 64)], [{}]))
+
+    fresh = make_tiny_model(layers=2)
+    reader = Progress(tmp_path, "fp")
+    reader.load_state()
+    with pytest.raises(ResumeError, match="changed tensor shapes"):
+        reader.restore(fresh, fresh.model.layers, [Shrink()])
+    fresh = make_tiny_model(layers=2)
+    stage = ShrinkWithRestore()
+    point = reader.restore(fresh, fresh.model.layers, [stage])
+    assert point.done_layers == 1 and stage.restored == [0]
+    assert fresh.model.layers[0].self_attn.v_proj.weight.shape == (16, 64)
+    assert torch.equal(fresh.model.layers[0].self_attn.v_proj.weight, layers[0].self_attn.v_proj.weight)
