@@ -68,6 +68,7 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     info: dict = {"job": job, "threads": torch.get_num_threads()}
 
     t = time.perf_counter()
+    cpu = time.process_time()
     if job.startswith(("rtn", "ours")):
         from compress.calibrate import run_layerwise
         from compress.quant.int4 import QuantArgs
@@ -91,6 +92,8 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     elif job.startswith("peer"):
         info.update(run_peer(model, loaded.tokenizer, calib, group, symmetric, batch_size))
     info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
+    # CPU time (all threads): fairer than wall time when the cores are shared with other jobs.
+    info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
     info["peak_rss_quantize"] = peak_rss_bytes()
     info["rss_after_load"] = rss_loaded
 
@@ -187,20 +190,21 @@ def fmt_bytes(n: float) -> str:
 def table(results: dict[str, dict], group: int) -> str:
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
     lines = [
-        "| method | perplexity | Δ vs float | quantize wall s | peak RSS | eval s | what |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | eval s | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for job, r in results.items():
         what = JOBS[job].format(g=group)
         if "error" in r:
             first = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {job} | failed | | | | | {what}: `{first[:160]}` |")
+            lines.append(f"| {job} | failed | | | | | | {what}: `{first[:160]}` |")
             continue
         ppl = r["eval"]["perplexity"]
         delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
         secs = f"{r['quantize_seconds']:.1f}" if job != "float" else "–"
+        cpu = f"{r['quantize_cpu_seconds']:.1f}" if job != "float" and "quantize_cpu_seconds" in r else "–"
         rss = fmt_bytes(r["peak_rss_quantize"])
-        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {rss} | {r['eval_seconds']:.0f} | {what} |")
+        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {r['eval_seconds']:.0f} | {what} |")
     return "\n".join(lines)
 
 
