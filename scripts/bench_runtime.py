@@ -210,8 +210,8 @@ def main() -> int:
         rows.append(OurRow("ours int4 compiled", ours(int4_dtype, True, compile=True), ids))
         rows.append(OurRow("ours int4 + int4 head compiled", ours(int4_dtype, True, head="int4", compile=True), ids))
 
-    for row in rows:  # warm-up (and compilation) outside the timed rounds
-        row.run(8)
+    for row in rows:  # warm-up (and compilation, at the timed cache size) outside the timed rounds
+        row.run(args.new_tokens if args.compile else 8)
     results: dict[str, list[float]] = {row.name: [] for row in rows}
     for r in range(args.rounds):
         for row in rows:

@@ -138,10 +138,13 @@ class Runtime:
         pad_id = next(iter(self.eos_ids), 0)
         pad_lens = [length - len(p) for p in prompts]
         tokens = torch.tensor([[pad_id] * n + p for n, p in zip(pad_lens, prompts)], device=self.device)
-        # Round the cache up so that nearby lengths reuse it (and a compiled step keeps its shapes).
-        max_len = min(-(-(length + max_new_tokens) // 64) * 64, self.context_length)
         model = self.model
-        model.setup_caches(batch, max_len)
+        needed = length + max_new_tokens
+        if model.max_batch != batch or model.max_len < needed:
+            # Round up so that nearby lengths reuse the cache; a compiled step (static shapes over
+            # the whole cache) starts at 1024 positions so that it seldom recompiles.
+            floor = 1024 if self._decode is not None else 0
+            model.setup_caches(batch, min(max(-(-needed // 64) * 64, floor), self.context_length))
         model.set_padding(pad_lens if any(pad_lens) else None)
         generator = None
         if seed is not None:
