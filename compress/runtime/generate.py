@@ -181,7 +181,9 @@ class Runtime:
                         if cut is not None:
                             texts[b], done[b], reasons[b] = texts[b][:cut], True, "stop"
                 if stream is not None and batch == 1:
-                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream, done[0])
+                    hold = max((len(x) for x in stop or []), default=1) - 1  # a stop string may be starting
+                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream,
+                                             done[0] or step == max_new_tokens - 1, hold)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 pos = torch.tensor([length + step], device=self.device)
@@ -217,11 +219,14 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
 
 
 def _stream_piece(rt: Runtime, ids: list[int], text: str | None, streamed: int,
-                  emit: Callable[[str], None], final: bool) -> int:
-    """Emit the newly decoded suffix; hold back an incomplete UTF-8 character."""
+                  emit: Callable[[str], None], final: bool, hold: int = 0) -> int:
+    """Emit the newly decoded text; until the end, hold back an incomplete UTF-8 character and
+    the last ``hold`` characters (they may begin a stop string)."""
     full = text if text is not None else rt.decode(ids)
-    if full.endswith("\ufffd") and not final:
-        return streamed
+    if not final:
+        if full.endswith("\ufffd"):
+            return streamed
+        full = full[: len(full) - hold] if hold else full
     if len(full) > streamed:
         emit(full[streamed:])
         return len(full)
