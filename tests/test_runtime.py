@@ -71,6 +71,18 @@ def test_float_logits_equal_transformers(model_type, tokens):
     assert rel_err(ours, ref) < 1e-4
 
 
+def test_sliding_window_equals_transformers(tokens):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=8)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    model, _ = from_transformers(hf)
+    assert rel_err(run_logits(model, tokens), hf(tokens).logits) < 1e-4
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -203,6 +215,33 @@ def test_eos_stops_generation():
     stopped = Runtime(model, None, info, eos_ids={free[3]}).generate_ids([prompt], 10)
     assert stopped.tokens[0] == free[: free.index(free[3])]
     assert stopped.stop_reasons == ["eos"]
+
+
+class CharTokenizer:
+    """Token i is the character chr(97 + i % 26): enough to test text handling."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) - 97 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_strings_and_streaming():
+    model, info = from_transformers(make_tiny_model("llama"))
+    rt = Runtime(model, CharTokenizer(), info)
+    free = rt.generate("abcd", max_new_tokens=12)
+    stop = free.text[4:6]
+    pieces: list[str] = []
+    stopped = rt.generate("abcd", max_new_tokens=12, stop=[stop], stream=pieces.append)
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert stopped.stop_reasons == ["stop"]
+    assert "".join(pieces) == stopped.text
+    streamed: list[str] = []
+    rt.generate("abcd", max_new_tokens=12, stream=streamed.append)
+    assert "".join(streamed) == free.text
 
 
 def test_prompt_longer_than_context_is_one_clear_error():

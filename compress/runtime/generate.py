@@ -138,10 +138,13 @@ class Runtime:
         pad_id = next(iter(self.eos_ids), 0)
         pad_lens = [length - len(p) for p in prompts]
         tokens = torch.tensor([[pad_id] * n + p for n, p in zip(pad_lens, prompts)], device=self.device)
-        # Round the cache up so that nearby lengths reuse it (and a compiled step keeps its shapes).
-        max_len = min(-(-(length + max_new_tokens) // 64) * 64, self.context_length)
         model = self.model
-        model.setup_caches(batch, max_len)
+        needed = length + max_new_tokens
+        if model.max_batch != batch or model.max_len < needed:
+            # Round up so that nearby lengths reuse the cache; a compiled step (static shapes over
+            # the whole cache) starts at 1024 positions so that it seldom recompiles.
+            floor = 1024 if self._decode is not None else 0
+            model.setup_caches(batch, min(max(-(-needed // 64) * 64, floor), self.context_length))
         model.set_padding(pad_lens if any(pad_lens) else None)
         generator = None
         if seed is not None:
@@ -178,7 +181,9 @@ class Runtime:
                         if cut is not None:
                             texts[b], done[b], reasons[b] = texts[b][:cut], True, "stop"
                 if stream is not None and batch == 1:
-                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream, done[0])
+                    hold = max((len(x) for x in stop or []), default=1) - 1  # a stop string may be starting
+                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream,
+                                             done[0] or step == max_new_tokens - 1, hold)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 pos = torch.tensor([length + step], device=self.device)
@@ -214,11 +219,14 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
 
 
 def _stream_piece(rt: Runtime, ids: list[int], text: str | None, streamed: int,
-                  emit: Callable[[str], None], final: bool) -> int:
-    """Emit the newly decoded suffix; hold back an incomplete UTF-8 character."""
+                  emit: Callable[[str], None], final: bool, hold: int = 0) -> int:
+    """Emit the newly decoded text; until the end, hold back an incomplete UTF-8 character and
+    the last ``hold`` characters (they may begin a stop string)."""
     full = text if text is not None else rt.decode(ids)
-    if full.endswith("\ufffd") and not final:
-        return streamed
+    if not final:
+        if full.endswith("\ufffd"):
+            return streamed
+        full = full[: len(full) - hold] if hold else full
     if len(full) > streamed:
         emit(full[streamed:])
         return len(full)

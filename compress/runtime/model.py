@@ -264,7 +264,7 @@ class Transformer(nn.Module):
             )
         if max_batch == self.max_batch and max_len == self.max_len:
             self.set_padding(None)
-            return
+            return  # keep the buffers: a compiled step and its CUDA graphs hold on to them
         a = self.args
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
