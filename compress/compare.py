@@ -101,7 +101,7 @@ def unify(recipes: list[R.Recipe], protocol: Protocol) -> tuple[list[R.Recipe], 
             r.eval.lm_eval.limit = protocol.limit
         if protocol.batch_size:
             r.batch_size = protocol.batch_size
-            r.eval.lm_eval.batch_size = protocol.batch_size
+        r.eval.lm_eval.batch_size = r.batch_size  # lm-eval batches like the perplexity does
         r.export.format = "none"  # sizes are computed, no checkpoint needed
         if changed and r.name != FLOAT_NAME:
             notes.append(f"{r.name}: {', '.join(changed)} (same protocol for every row)")
