@@ -34,6 +34,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from compress.lm_eval_adapter import LMEvalError
+
+        errors.append(LMEvalError)
+    except ImportError:
+        pass
+    try:
         from compress.runtime.errors import RuntimeInputError
 
         errors.append(RuntimeInputError)
@@ -67,6 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from compress import data, evaluate, models, pipeline
 
     device = pipeline.resolve_device(args.device)
+    if args.tasks:
+        from compress import lm_eval_adapter
+
+        lm_eval_adapter.check_offline(args.tasks)  # before the slow model load
     loaded = models.load(args.model, args.dtype, device, args.trust_remote_code)
     result: dict = {"model": args.model}
     if not args.tasks or args.perplexity:
@@ -75,10 +85,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl = evaluate.perplexity(loaded.model, windows, args.batch_size, device, not args.quiet)
         result["perplexity"] = {**ppl, **corpus.describe(), "bos": data.bos_id(loaded.tokenizer) is not None}
     if args.tasks:
-        from compress import lm_eval_adapter
-
         result["lm_eval"] = lm_eval_adapter.run_tasks(
-            loaded.model, loaded.tokenizer, args.tasks, limit=args.limit, batch_size=args.batch_size
+            loaded,
+            args.tasks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=device,
+            num_fewshot=args.num_fewshot,
+            data=args.data,
+            eval_fraction=args.eval_fraction,
+            text_field=args.text_field,
+            seed=args.seed,
         )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -90,8 +107,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"({p['tokens_scored']} scored) of the evaluation split of {p['source']}"
             )
         for task, metrics in (result.get("lm_eval") or {}).items():
-            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr")))
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from compress import compare
+
+    protocol = compare.Protocol(
+        model=args.model,
+        device=args.device,
+        eval_seq_len=args.seq_len,
+        eval_max_windows=args.max_windows,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
+        tasks=compare_tasks(args.tasks),
+        limit=args.limit,
+        batch_size=args.batch_size,
+    )
+    command = "compress " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else None
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    doc = compare.compare(
+        args.recipes, args.out, protocol, command=command, progress=not args.quiet, log=log, fresh=args.fresh
+    )
+    out = doc["output"]
+    print(f"done: {out}.md, {out}.json, {out}.png ({len(doc['rows'])} rows)")
+    return 0
+
+
+def compare_tasks(tasks: list[str] | None) -> list[str]:
+    from compress.lm_eval_adapter import split_task_names
+
+    return split_task_names(tasks or [])
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -173,12 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks (local ones in eval/tasks)")
     ev.add_argument("--perplexity", action="store_true", help="also perplexity when --tasks is given")
     ev.add_argument("--limit", type=positive_int, default=None, help="lm-eval: examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (task default)")
+    ev.add_argument("--seed", type=int, default=0, help="lm-eval: seed of sampling and of the local tasks")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ev.add_argument("--device", default="auto")
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--quiet", "-q", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser(
+        "compare", help="run several recipes under one protocol: results table (.md, .json) and plot (.png)"
+    )
+    cmp.add_argument("recipes", nargs="+", help="recipe YAML files; a float baseline row is added")
+    cmp.add_argument("--out", "-o", help="output path without suffix (default eval/results/<model>)")
+    cmp.add_argument("--model", help="model for every row (default: the first recipe's)")
+    cmp.add_argument("--seq-len", type=int, help="perplexity window length for every row")
+    cmp.add_argument("--max-windows", type=int, help="perplexity windows for every row")
+    cmp.add_argument("--calib-samples", type=int, help="calibration windows for every row")
+    cmp.add_argument("--calib-seq-len", type=int, help="calibration window length for every row")
+    cmp.add_argument("--tasks", nargs="*", default=[], help="lm-eval tasks for every row (local: compress_local)")
+    cmp.add_argument("--limit", type=int, help="lm-eval: examples per task")
+    cmp.add_argument("--batch-size", type=int, help="windows per forward pass")
+    cmp.add_argument("--device", help="override the recipes' device (auto, cpu, cuda)")
+    cmp.add_argument("--fresh", action="store_true", help="redo rows an interrupted run already finished")
+    cmp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    cmp.set_defaults(func=cmd_compare)
 
     ins = sub.add_parser("inspect", help="describe an exported checkpoint and verify its checksums")
     ins.add_argument("checkpoint")

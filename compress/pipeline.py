@@ -212,6 +212,10 @@ def run(
     ``resume`` continues an interrupted run of the same recipe from its last completed layer.
     """
     out = Path(output) if output else recipe.output_dir()
+    if recipe.eval.lm_eval.tasks:
+        from compress import lm_eval_adapter
+
+        lm_eval_adapter.check_offline(recipe.eval.lm_eval.tasks)  # before hours of compression
     tmp = prepare_output(out, overwrite, resume, [*protect, *_inputs_of(recipe)])
     try:
         result = _run(recipe, out, tmp, progress, resume)
@@ -343,6 +347,9 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
     for s in built:
         if isinstance(s.stage, QuantizingStage):
             quantized.update(s.stage.quantized)
+    for s in built:  # a stage that removed layers renumbers the records (drop_layers)
+        if hasattr(s.stage, "rename_quantized"):
+            quantized = s.stage.rename_quantized(quantized)
 
     if recipe.eval.perplexity:
         t = time.perf_counter()
@@ -352,6 +359,10 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
         )
         model.to("cpu")
         timing["evaluate after"] = time.perf_counter() - t
+
+    if recipe.eval.lm_eval.tasks:
+        evaluation["lm_eval"] = _lm_eval(recipe, model, tokenizer, device)
+        timing["lm-eval"] = evaluation["lm_eval"].pop("_seconds")
 
     w16, w_after = weight_bytes(model, quantized)
     result = {
@@ -391,6 +402,7 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
         )
         timing["export"] = time.perf_counter() - t
         result["export"] = {"format": recipe.export.format, "path": str(out), **(info or {})}
+        result["notes"] += (info or {}).get("notes", [])
     timing["total"] = time.perf_counter() - t_start
     result["peak_memory"] = peak_memory(device)
     if point is not None:
@@ -401,6 +413,29 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
     if recipe.export.format != "none":
         export.write_manifest(tmp)
     return result
+
+
+def _lm_eval(recipe: R.Recipe, model, tokenizer, device: torch.device) -> dict:
+    """The recipe's lm-eval tasks on the compressed model (same corpus split as perplexity)."""
+    from compress import lm_eval_adapter
+
+    t = time.perf_counter()
+    cfg = recipe.eval.lm_eval
+    model.to(device)
+    scores = lm_eval_adapter.run_tasks(
+        model,
+        cfg.tasks,
+        tokenizer=tokenizer,
+        limit=cfg.limit,
+        batch_size=cfg.batch_size,
+        device=device,
+        data=recipe.data.source,
+        eval_fraction=recipe.data.eval_fraction,
+        text_field=recipe.data.text_field,
+        seed=recipe.seed,
+    )
+    model.to("cpu")
+    return {**scores, "_seconds": time.perf_counter() - t}
 
 
 def _summary(entry) -> str:

@@ -93,6 +93,9 @@ class AWQStage(Strict):
     group_size: int | None = None
     symmetric: bool | None = None
     grid: int = Field(20, ge=1)
+    coarse_step: int = Field(
+        1, ge=1, description="evaluate every n-th α of the grid first, then refine around the best (1: all)"
+    )
     duo_scaling: bool = True
     clip: bool = True
     clip_grid: int = Field(20, ge=1)
@@ -104,8 +107,11 @@ class AWQStage(Strict):
 class GQAStage(Strict):
     type: Literal["gqa"]
     num_key_value_heads: int = Field(ge=1)
-    pooling: Literal["mean", "fit"] = "mean"
+    pooling: Literal["mean", "fit", "fit_q"] = Field(
+        "mean", description="mean (GQA paper), fit (calibrated refit), fit_q (fit + per-plane query rescale)"
+    )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
+    refit_output: bool = Field(True, description="fit kinds: refit o_proj by least squares on layer activations")
 
 
 class DropLayersStage(Strict):

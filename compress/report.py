@@ -20,6 +20,33 @@ def _ppl(entry: dict | None) -> str:
     return f"{entry['perplexity']:.3f}" if entry else "–"
 
 
+KV_CONTEXT = 2048  # context length the report sizes the KV cache for
+
+
+def _kv_context_lines(s: dict) -> list[str]:
+    """KV cache of one sequence of KV_CONTEXT tokens, and the saving, when it changed."""
+    before, after = s.get("kv_bytes_per_token_before"), s.get("kv_bytes_per_token_after")
+    if not before or not after:
+        return []
+    lines = [
+        f"| KV cache at {KV_CONTEXT} tokens (fp16), before | {_fmt_bytes(before * KV_CONTEXT)} |",
+        f"| KV cache at {KV_CONTEXT} tokens (fp16), after | {_fmt_bytes(after * KV_CONTEXT)} |",
+    ]
+    if after != before:
+        lines.append(f"| KV cache saving | {1 - after / before:.1%} (×{before / after:.2f} more tokens) |")
+    return lines
+
+
+def lm_eval_lines(scores: dict | None) -> list[str]:
+    """A table of lm-eval scores (task, metric, value), or nothing."""
+    if not scores:
+        return []
+    lines = ["## lm-eval", "", "| task | metric | value |", "|---|---|---:|"]
+    for task, metrics in scores.items():
+        lines += [f"| {task} | {k} | {v:.4f} |" for k, v in metrics.items() if not k.endswith("_stderr")]
+    return [*lines, ""]
+
+
 def to_markdown(r: dict) -> str:
     lines = [f"# compress report: {r['recipe']['name']}", ""]
     m = r["model"]
@@ -54,6 +81,7 @@ def to_markdown(r: dict) -> str:
         ]
     else:
         lines += ["Not evaluated.", ""]
+    lines += lm_eval_lines(ev.get("lm_eval"))
     s = r["size"]
     lines += [
         "## Size",
@@ -64,6 +92,7 @@ def to_markdown(r: dict) -> str:
         f"| weights after compression | {_fmt_bytes(s['weights_after'])} |",
         f"| KV cache per token (fp16), before | {_fmt_bytes(s['kv_bytes_per_token_before'])} |",
         f"| KV cache per token (fp16), after | {_fmt_bytes(s['kv_bytes_per_token_after'])} |",
+        *_kv_context_lines(s),
         "",
         f"Quantized linears: {s['quantized_linears']}.",
         "",

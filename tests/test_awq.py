@@ -244,8 +244,30 @@ def test_awq_rtn_beats_rtn_on_embedded_model():
     windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=8)
     args = QuantArgs(4, 128, True)
     ppl = {}
-    for name, chain in (("rtn", []), ("awq", [awq.AWQStage(args, grid=10, clip=False)])):
+    # Coarse-to-fine α and no clip search keep this to a few minutes on a shared CPU.
+    for name, chain in (("rtn", []), ("awq", [awq.AWQStage(args, coarse_step=4, clip=False)])):
         m = copy.deepcopy(loaded.model)
         run_layerwise(m, loaded.arch, calib, [*chain, RTNStage(args)], progress=False)
         ppl[name] = evaluate.perplexity(m, windows, batch_size=4, progress=False)["perplexity"]
     assert ppl["awq"] < ppl["rtn"], ppl
+
+
+def test_coarse_to_fine_finds_the_grid_minimum_with_fewer_evaluations():
+    x_mean = torch.rand(16) + 0.1
+    calls = []
+    for target in (0.0, 0.35, 0.6, 0.95):
+        calls.clear()
+
+        def loss(s, target=target):
+            # One minimum over α: recover α from the scales' spread.
+            calls.append(s)
+            spread = float(torch.log(s.max() / s.min()))
+            full_spread = float(torch.log(x_mean.max() / x_mean.min()))
+            return (spread / full_spread - target) ** 2 + 0.01
+
+        full = awq.search_scales(x_mean, None, loss, grid=20, duo=False)
+        n_full = len(calls)
+        calls.clear()
+        coarse = awq.search_scales(x_mean, None, loss, grid=20, duo=False, coarse_step=4)
+        assert coarse.alpha == full.alpha
+        assert len(calls) < n_full / 2

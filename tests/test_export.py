@@ -174,6 +174,50 @@ def test_compressed_tensors_library_decompresses_ours(tmp_path, symmetric):
             assert torch.equal(out["weight"], module.weight.data), name
 
 
+def test_compressed_tensors_library_compresses_like_us():
+    """Its compressor, given our scales and zero points (signed, as it keeps them), writes our tensors."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from compress.quant import formats as F
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    qw = int4.quantize(w, int4.QuantArgs(4, 32, False))
+    scheme = QuantizationScheme(
+        targets=["Linear"], weights=QuantizationArgs(num_bits=4, group_size=32, strategy="group", symmetric=False)
+    )
+    zp_signed = (qw.zeros - 8).to(torch.int8)
+    theirs = PackedQuantizationCompressor.compress(
+        {"weight": qw.dequantize(), "weight_scale": qw.scales, "weight_zero_point": zp_signed}, scheme
+    )
+    ours = F.ct_pack(qw)
+    for key in ("weight_packed", "weight_zero_point", "weight_shape"):
+        assert torch.equal(theirs[key], ours[key]), key
+
+
+def test_transformers_loads_our_symmetric_compressed_tensors(tmp_path, quantized_tiny):
+    """Plain transformers with the compressed-tensors package installed: same logits, no code of ours."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    model, quantized = quantized_tiny
+    export.export_checkpoint(tmp_path / "ct", model, tiny_tokenizer(), quantized, "compressed-tensors")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    assert torch.equal(logits(theirs), logits(model))
+
+
+def test_transformers_accepts_our_gptq_config(tmp_path, quantized_tiny):
+    from transformers import GPTQConfig
+
+    model, quantized = quantized_tiny
+    export.export_checkpoint(tmp_path / "g", model, None, quantized, "gptq")
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    parsed = GPTQConfig.from_dict(qc)
+    assert (parsed.bits, parsed.group_size, parsed.sym, parsed.desc_act, parsed.format) == (4, 32, True, False, "gptq")
+
+
 def test_shards_and_index(tmp_path, quantized_tiny):
     model, quantized = quantized_tiny
     info = export.export_checkpoint(tmp_path / "s", model, tiny_tokenizer(), quantized, "gptq", max_shard_size=20_000)
@@ -260,3 +304,58 @@ def test_mixed_schemes_compressed_tensors(tmp_path, quantized_tiny):
     ckpt = C.read(tmp_path / "m")
     for n, qw in mixed.items():
         assert_same(qw, ckpt.quantized[n])
+
+
+@pytest.mark.integration
+def test_rtn_recipe_exports_gptq_that_reloads_to_the_same_perplexity(tmp_path, capsys):
+    """`compress run` on the RTN recipe ends with a GPTQ checkpoint; reloaded, it scores the same."""
+    import yaml
+
+    from compress import data, evaluate
+    from compress.cli import main
+
+    recipe = yaml.safe_load(open("recipes/smollm2-rtn-w4g128.yaml"))
+    assert recipe["export"]["format"] == "gptq"
+    recipe["data"]["evaluation"] = {"seq_len": 256, "max_windows": 2}
+    recipe["eval"]["before"] = False
+    recipe["export"]["output"] = str(tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["checkpoint_format"] == "gptq" and report["export"]["quantized_linears"] == 210
+    assert C.verify(out) > 5
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "quantized linears: 210" in capsys.readouterr().out
+    loaded = models.load(out)
+    corpus = data.load_corpus("wiki")
+    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=2)
+    ppl = evaluate.perplexity(loaded.model, windows, batch_size=2, progress=False)["perplexity"]
+    assert ppl == pytest.approx(report["evaluation"]["after"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_ragged_last_group_is_written_with_a_note(tmp_path, fmt):
+    """Group 48 on widths 64 and 128, as group 128 on the embedded model's 576: readable, and said so."""
+    model = make_tiny_model()
+    quantized = quantize_model(model, int4.QuantArgs(4, 48, True))
+    info = export.export_checkpoint(tmp_path / "r", model, tiny_tokenizer(), quantized, fmt)
+    assert any("does not divide input width 64, 128" in n for n in info["notes"])
+    ckpt = C.read(tmp_path / "r")
+    for name, qw in quantized.items():
+        assert_same(qw, ckpt.quantized[name])
+    assert torch.equal(logits(models.load(tmp_path / "r").model), logits(model))
+
+
+def test_what_a_hard_kill_leaves_does_not_look_finished(tmp_path, quantized_tiny):
+    """A SIGKILL can leave the staging folder: hidden, named .partial, without manifest, and refused."""
+    model, quantized = quantized_tiny
+    staging = tmp_path / ".ckpt.partial"
+    export.save(staging, model, None, quantized, "gptq")  # written, but never closed with a manifest
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(C.CheckpointError, match="unfinished export"):
+        C.read(staging)
+    with pytest.raises(C.CheckpointError, match=r"no manifest\.json"):
+        C.verify(staging)

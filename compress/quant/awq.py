@@ -217,6 +217,7 @@ def search_scales(
     loss: Callable[[Tensor], float],
     grid: int = 20,
     duo: bool = True,
+    coarse_step: int = 1,
 ) -> ScaleSearch:
     """Grid search of α minimizing ``loss(scales)``; unit scales are always a candidate.
 
@@ -224,20 +225,38 @@ def search_scales(
     error with the scaled linears quantized. Keeping unit scales as a candidate means AWQ
     never does worse on this objective than plain quantization (with duo scaling α = 0 is
     not the identity).
+
+    ``coarse_step`` > 1 evaluates every ``coarse_step``-th α first, then halves the step
+    around the best so far (for 20 points and step 4: 9 evaluations instead of 20). On an
+    error curve with one minimum over the grid it finds the same α as the full search.
     """
     unit = torch.ones_like(x_mean, dtype=torch.float32)
     unit_error = float(loss(unit))
     best = ScaleSearch(unit, None, unit_error, unit_error)
-    for alpha in alpha_grid(grid):
+    alphas = alpha_grid(grid)
+
+    def evaluate(i: int) -> None:
+        alpha = alphas[i]
+        if alpha in best.errors:
+            return
         if alpha == 0 and not duo:
-            err = unit_error  # x_mean^0 is the identity
-            best.errors[alpha] = err
-            continue
+            best.errors[alpha] = unit_error  # x_mean^0 is the identity
+            return
         s = awq_scales(x_mean, w_mean, alpha, duo)
         err = float(loss(s))
         best.errors[alpha] = err
         if err < best.error:
             best.scales, best.alpha, best.error = s, alpha, err
+
+    step = max(1, coarse_step)
+    for i in range(0, grid, step):
+        evaluate(i)
+    while step > 1:
+        step = max(1, step // 2)
+        centre = alphas.index(min(best.errors, key=best.errors.__getitem__))
+        for i in (centre - step, centre + step):
+            if 0 <= i < grid:
+                evaluate(i)
     return best
 
 
@@ -393,6 +412,7 @@ class AWQStage:
         gqa_aware_vo: bool = True,
         ignore: list[str] | None = None,
         clip_tokens: int = 512,
+        coarse_step: int = 1,
     ):
         int4.check_args(args)
         self.args = args
@@ -404,6 +424,7 @@ class AWQStage:
         self.gqa_aware_vo = gqa_aware_vo
         self.ignore = list(ignore or [])
         self.clip_tokens = clip_tokens
+        self.coarse_step = coarse_step
         self.records: list[PairRecord] = []
         self.skipped: set[str] = set()
 
@@ -423,6 +444,7 @@ class AWQStage:
             max_shrink=entry.max_shrink,
             gqa_aware_vo=entry.gqa_aware_vo,
             ignore=entry.ignore,
+            coarse_step=entry.coarse_step,
         )
 
     # -- which pairs and linears ------------------------------------------------
@@ -494,7 +516,7 @@ class AWQStage:
             with _swapped_weights(quantized, trial):
                 return module_error(module, calls)
 
-        result = search_scales(x_mean.to(ctx.device), w_mean, loss, self.grid, self.duo_scaling)
+        result = search_scales(x_mean.to(ctx.device), w_mean, loss, self.grid, self.duo_scaling, self.coarse_step)
         if result.alpha is not None:
             fold_scales(prev, linears, result.scales, to_inputs(result.scales))
         self.records.append(PairRecord(ctx.index, pair.prev, result.alpha, result.error, result.unit_error))
@@ -507,14 +529,17 @@ class AWQStage:
         names = [n for n in self._quantized_names(ctx, ctx.arch.linears) if n not in skip]
         if not names:
             return
+        # A strided subsample of tokens, as the reference does, bounds cost and memory.
+        step = max(1, ctx.inputs.num_tokens // self.clip_tokens)
         inputs: dict[str, list[Tensor]] = {n: [] for n in names}
-        hooks = {n: (lambda _m, inp, _o, n=n: inputs[n].append(inp[0].detach())) for n in names}
+
+        def keep(name: str, x: Tensor) -> None:
+            inputs[name].append(x.detach().reshape(-1, x.shape[-1])[::step].clone())
+
+        hooks = {n: (lambda _m, inp, _o, n=n: keep(n, inp[0])) for n in names}
         ctx.forward(hooks, keep_outputs=False)
         for name in names:
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs.pop(name)])
-            # A strided subsample of tokens, as the reference does, bounds the cost.
-            step = max(1, x.shape[0] // self.clip_tokens)
-            x = x[::step][: self.clip_tokens]
+            x = torch.cat(inputs.pop(name))[: self.clip_tokens]
             lin = ctx.submodule(name)
             lo, hi = clip_search(lin.weight.data, x, self.args, self.clip_grid, self.max_shrink)
             lin.weight.data = apply_clip(lin.weight.data, lo, hi, self.args.group_size)

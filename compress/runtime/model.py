@@ -1,0 +1,318 @@
+"""A lean Llama-family decoder (Llama, SmolLM, Mistral, Qwen2) with a static KV cache.
+
+gpt-fast style: the cache is preallocated ``[batch, kv_heads, max_len, head_dim]`` and
+indexed by position, so a forward pass writes its keys and values at ``input_pos`` and a
+speculative rollback is nothing more than writing the next tokens over the same positions.
+
+    model.setup_caches(batch, max_len)
+    logits = model(tokens [B, T], input_pos [T])      # prefill (T > 1) or decode (T == 1)
+
+Linears are plain ``nn.Linear`` here; the loader swaps in int4 linears. q/k/v and
+gate/up are fused into one linear each (one kernel call instead of three or two).
+Weights use the Hugging Face layout (rotate-half RoPE), so checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.runtime.errors import RuntimeInputError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {"rope_type": ..., "factor": ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelArgs:
+        """Read a Hugging Face ``config.json`` dict (transformers 4 or 5 field names)."""
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise RuntimeInputError(
+                f"the runtime supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; this checkpoint is "
+                f"'{model_type}' (use transformers for it)"
+            )
+        if config.get("hidden_act", "silu") != "silu":
+            raise RuntimeInputError(f"unsupported hidden_act '{config.get('hidden_act')}' (the runtime has silu)")
+        heads = config["num_attention_heads"]
+        hidden = config["hidden_size"]
+        # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta / rope_scaling.
+        rope = dict(config.get("rope_parameters") or {})
+        rope.update(config.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise RuntimeInputError(
+                f"unsupported RoPE scaling '{rope_type}'; the runtime has {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if config.get("partial_rotary_factor", 1.0) != 1.0:
+            raise RuntimeInputError("partial rotary embeddings are not supported by the runtime")
+        sliding = config.get("sliding_window")
+        if model_type == "qwen2" and not config.get("use_sliding_window", False):
+            sliding = None
+        bias = model_type == "qwen2" or bool(config.get("attention_bias", False))
+        if config.get("mlp_bias", False):
+            raise RuntimeInputError("MLP biases are not supported by the runtime")
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or hidden // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling={**rope, "rope_type": rope_type},
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bias,
+            sliding_window=sliding,
+            model_type=model_type,
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the attention scaling, as transformers computes them."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq, 1.0
+
+
+def rope_table(args: ModelArgs, length: int) -> Tensor:
+    """cos and signed sin for every position: float32 [length, 2, head_dim].
+
+    Rotate-half RoPE is ``x·cos + rotate_half(x)·sin``; ``rotate_half(x) = sign · roll(x, D/2)``
+    with sign −1 on the first half, so the table holds ``sign · sin`` and the rotation is one roll.
+    """
+    inv_freq, attention_scaling = rope_inv_freq(args)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    sign = torch.cat([-torch.ones_like(inv_freq), torch.ones_like(inv_freq)])
+    return torch.stack([emb.cos() * attention_scaling, sign * emb.sin() * attention_scaling], dim=1)
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """x [B, T, heads, D], rope [T, 2, D] in x's dtype (as transformers does) -> rotated x."""
+    cos, signed_sin = rope[:, None, 0], rope[:, None, 1]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 statistics as transformers computes them, then the weight in the model's dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values for every position up to ``max_len``; a write overwrites in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        return self.k_cache, self.v_cache
+
+
+class ConcatLinear(nn.Module):
+    """Several linears on one input, outputs concatenated: used when weights cannot be fused."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.wqkv: nn.Module = nn.Linear(args.hidden_size, qkv_out, bias=args.qkv_bias)
+        self.wo: nn.Module = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        """``mask`` None: every key up to ``kv_len`` is visible, causally (no padding, no window)."""
+        bsz, seqlen, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        qkv = self.wqkv(x)
+        # RoPE on queries and keys together: one rotation for both.
+        qk = apply_rope(qkv[..., : q_size + kv_size].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim), rope)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)
+        v = qkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.kv_cache is None:
+            raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
+        k, v = self.kv_cache.update(input_pos, k, v)
+        if kv_len is not None:  # eager: attend over the filled prefix only, not the whole cache
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            if mask is not None:
+                mask = mask[..., :kv_len]
+        # Without a mask: one query sees every key; a prefill from position 0 is plain causal.
+        causal = mask is None and seqlen > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_heads != self.n_kv)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.intermediate = args.intermediate_size
+        self.w13: nn.Module = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)  # gate, up
+        self.w2: nn.Module = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).split([self.intermediate, self.intermediate], dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.output: nn.Module = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.max_batch = 0
+        self.max_len = 0
+        # Set by the caller: eager runs slice attention to the filled prefix; a compiled
+        # decode step keeps static shapes and attends over the whole (masked) cache.
+        self.slice_kv = True
+        self.windowed = False
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("key_valid", torch.empty(0, dtype=torch.bool), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    def setup_caches(self, max_batch: int, max_len: int) -> None:
+        """Preallocate the KV cache for ``max_batch`` sequences of up to ``max_len`` positions."""
+        if max_len > self.args.max_position_embeddings:
+            raise RuntimeInputError(
+                f"{max_len} positions exceed the model's context of {self.args.max_position_embeddings}"
+            )
+        if max_batch == self.max_batch and max_len == self.max_len:
+            self.set_padding(None)
+            return
+        a = self.args
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.rope = rope_table(a, max_len).to(self.device, self.dtype)
+        mask = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
+        self.windowed = a.sliding_window is not None and a.sliding_window < max_len
+        if self.windowed:
+            mask &= ~torch.ones_like(mask).tril(-a.sliding_window)
+        self.causal_mask = mask
+        self.set_padding(None)
+
+    def set_padding(self, pad_lens: Tensor | list[int] | None) -> None:
+        """Mark the first ``pad_lens[b]`` positions of row b as padding (left-padded batch)."""
+        if pad_lens is None:
+            self.key_valid = torch.empty(0, dtype=torch.bool, device=self.device)
+            return
+        pad = torch.as_tensor(pad_lens, device=self.device).view(-1, 1)
+        self.key_valid = torch.arange(self.max_len, device=self.device)[None] >= pad
+
+    def attention_mask(self, input_pos: Tensor) -> Tensor:
+        """Boolean [B or 1, 1, T, max_len]: causal, minus left padding."""
+        mask = self.causal_mask[input_pos]  # [T, L]
+        if self.key_valid.numel() == 0:
+            return mask[None, None]
+        # Pad positions attend to themselves only, so their (unused) outputs stay finite
+        # and never put NaN into the cache; real tokens never see them.
+        diagonal = torch.arange(self.max_len, device=mask.device)[None] == input_pos[:, None]
+        mask = mask[None] & (self.key_valid[:, None, :] | diagonal[None])
+        return mask[:, None]
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """Logits [B, T, V] (float32) for ``tokens`` [B, T] written at positions ``input_pos`` [T]."""
+        if self.max_len == 0:
+            raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
+        kv_len = None
+        mask = None
+        if self.slice_kv:
+            kv_len = int(input_pos[-1]) + 1
+            seqlen = tokens.shape[1]
+            # The cheap paths need no mask: a decode step, or a prefill that starts at 0.
+            plain = self.key_valid.numel() == 0 and not self.windowed and (seqlen == 1 or kv_len == seqlen)
+            if not plain:
+                mask = self.attention_mask(input_pos)
+        else:
+            mask = self.attention_mask(input_pos)
+        rope = self.rope[input_pos]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos, kv_len)
+        return self.output(self.norm(x)).float()
