@@ -192,3 +192,27 @@ class GQAStage:
         )
         if self.orders:
             self.notes.append(f"gqa: query heads regrouped in {len(self.orders)} layer(s)")
+
+    # -- resume (compress/resume.py) ---------------------------------------------
+
+    def resume_state(self) -> dict:
+        return {"orders": {str(i): order for i, order in self.orders.items()}}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.orders = {int(i): list(order) for i, order in state["orders"].items()}
+
+    def restore_layer(self, model: nn.Module, layer: nn.Module, index: int) -> None:
+        """A resumed layer got its pooled tensors back: restore what tensors do not carry."""
+        from compress.arch import arch_for
+
+        attn = layer.get_submodule(arch_for(model).attention)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(attn, name)
+            linear.out_features, linear.in_features = linear.weight.shape
+        heads, _, head_dim = head_counts(model.config)
+        num_kv = attn.k_proj.weight.shape[0] // head_dim
+        if num_kv == self.num_kv_heads:
+            attn.num_key_value_groups = heads // num_kv
+            if hasattr(attn, "num_key_value_heads"):
+                attn.num_key_value_heads = num_kv
+            set_config_kv_heads(model.config, num_kv)

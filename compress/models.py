@@ -194,7 +194,7 @@ def _load_folder(path: Path, dtype: torch.dtype, kwargs: dict, weights: Path | N
             )
             tied = config.tie_word_embeddings
             missing = sorted(k for k in info.get("missing_keys", []) if k != "lm_head.weight" or not tied)
-            mismatched = [_mismatch(k) for k in info.get("mismatched_keys", [])]
+            mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys", []))
             if mismatched:
                 raise ModelLoadError(f"{path}: tensors do not match config.json: {', '.join(mismatched[:2])}")
             if missing:

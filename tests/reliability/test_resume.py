@@ -249,3 +249,30 @@ def test_reshaping_stage_needs_restore_layer(tmp_path):
     assert point.done_layers == 1 and stage.restored == [0]
     assert fresh.model.layers[0].self_attn.v_proj.weight.shape == (16, 64)
     assert torch.equal(fresh.model.layers[0].self_attn.v_proj.weight, layers[0].self_attn.v_proj.weight)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "fit"])
+def test_resume_a_gqa_recipe(setup, monkeypatch, capsys, pooling):
+    """MHA→GQA reshapes k/v and changes head counts: resumed, the result is still identical."""
+    root, recipe = setup
+    recipe = copy.deepcopy(recipe)
+    recipe["stages"] = [{"type": "gqa", "num_key_value_heads": 1, "pooling": pooling},
+                        {"type": "rtn", "bits": 4, "group_size": 32}]
+    recipe["export"] = {"format": "gptq", "output": str(root / f"gqa-ref-{pooling}")}
+    pipeline.run(R.parse(recipe), progress=False)
+    out = root / f"gqa-{pooling}"
+    recipe["export"]["output"] = str(out)
+    path = write_recipe(root / f"gqa-{pooling}.yaml", recipe)
+
+    def fault(where: str) -> None:
+        if where == "after_save:1":
+            raise _Killed(where)
+
+    monkeypatch.setattr(pipeline, "fault", fault)
+    with pytest.raises(_Killed):
+        main(["run", str(path), "-q"])
+    monkeypatch.setattr(pipeline, "fault", lambda where: None)
+    assert main(["run", str(path), "-q", "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["resumed_after_layer"] == 2
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
+    assert_identical(out, root / f"gqa-ref-{pooling}")
