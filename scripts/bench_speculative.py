@@ -8,7 +8,7 @@ paragraph of the corpus's evaluation split). Rows:
   transformers plain / assisted (assistant_model: the same draft weights, dequantized) / prompt lookup
 Every row is checked against plain greedy output (speculative decoding must not change it).
 
-    python scripts/bench_speculative.py --draft outputs/smollm2-draft-w4g128 --threads 1 --clock cpu \
+    python scripts/bench_speculative.py --draft outputs/smollm2-draft-w4g32 --threads 1 --clock cpu \
         --out eval/results/speculative-cpu.md
 """
 
@@ -123,7 +123,7 @@ def sync(device) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2", help="target checkpoint (default: the embedded float model)")
-    p.add_argument("--draft", default="outputs/smollm2-draft-w4g128", help="draft checkpoint (int4 self-draft)")
+    p.add_argument("--draft", default="outputs/smollm2-draft-w4g32", help="draft checkpoint (int4 self-draft)")
     p.add_argument("--draft-head", default="int4", choices=["float", "int4"],
                    help="quantize the draft's output layer at load (default int4)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per pass for the model draft")
