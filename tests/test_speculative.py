@@ -213,7 +213,8 @@ def test_greedy_speculative_equals_plain(tiny_pair, kind):
     target = tiny_pair[0]
     make = _drafts(tiny_pair)[kind]
     expected, _ = plain_generate(RecomputeStep(target), PROMPT, 12)
-    for k, adaptive in [(k, False) for k in range(1, 9)] + [(2, True)]:
+    # k = 1..8 for every kind runs on the runtime's cached model below; here the recompute oracle.
+    for k, adaptive in [(1, False), (3, False), (8, False), (2, True)]:
         out, stats = speculative_generate(RecomputeStep(target), make(), PROMPT, 12, k=k, adaptive=adaptive)
         assert out == expected, f"{kind}, k={k}, adaptive={adaptive}"
         assert stats.new_tokens == 12 and stats.target_passes <= 11
