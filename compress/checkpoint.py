@@ -283,6 +283,6 @@ def is_quantized_checkpoint(folder: str | Path) -> bool:
     path = Path(folder) / "config.json"
     try:
         qc = json.loads(path.read_text()).get("quantization_config") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8
         return False
     return qc.get("quant_method") in ("gptq", "compressed-tensors")

@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculate-k", type=int, default=4)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--backend", default="auto", help="int4 back end: auto, kernel or reference")
+    gen.add_argument(
+        "--head", default="float", choices=["float", "int4"],
+        help="output layer: as stored, or quantized to int4 at load (faster decode on CPU, not exact)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     fetch = sub.add_parser("fetch", help="download the embedded model and corpus into the cache")

@@ -95,11 +95,6 @@ def checkpoint_tensors(
             if fmt == "gptq":
                 packed = F.gptq_pack(qw, checkpoint_format)
             else:
-                if qw.group_size != -1 and qw.shape[1] % qw.group_size:
-                    raise F.FormatError(
-                        f"input width {qw.shape[1]} is not a multiple of group size {qw.group_size}, which "
-                        "compressed-tensors requires; export as gptq instead"
-                    )
                 packed = F.ct_pack(qw, scale_dtype)
         except F.FormatError as e:
             raise CheckpointError(f"{prefix}: {e}") from None
@@ -246,17 +241,25 @@ def shard(tensors: dict[str, Tensor], max_shard_size: int) -> list[dict[str, Ten
     return shards
 
 
-def write_weights(folder: Path, tensors: dict[str, Tensor], max_shard_size: int, metadata: dict) -> list[str]:
-    from safetensors.torch import save_file
+def _save_file(part: dict[str, Tensor], path: Path, metadata: dict) -> None:
+    import safetensors.torch
 
+    safetensors.torch.save_file(part, path, metadata=metadata)
+    # safetensors creates the file owner-only; a checkpoint is meant to be shared like the other files.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_weights(folder: Path, tensors: dict[str, Tensor], max_shard_size: int, metadata: dict) -> list[str]:
     parts = shard(tensors, max_shard_size)
     if len(parts) == 1:
-        save_file(parts[0], folder / SINGLE, metadata=metadata)
+        _save_file(parts[0], folder / SINGLE, metadata)
         return [SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     weight_map = {}
     for name, part in zip(names, parts, strict=True):
-        save_file(part, folder / name, metadata=metadata)
+        _save_file(part, folder / name, metadata)
         weight_map.update({k: name for k in part})
     index = {"metadata": {"total_size": sum(tensor_bytes(t) for t in tensors.values())}, "weight_map": weight_map}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -297,6 +300,14 @@ def save(
         (folder / "recipe.yaml").write_text(recipe.to_yaml())
     files = write_weights(folder, tensors, max_shard_size, {"format": "pt"})
     notes = []
+    ragged = sorted({q.shape[1] for q in quantized.values() if q.group_size != -1 and q.shape[1] % q.group_size})
+    if ragged and fmt != "float":
+        gs = next(iter(quantized.values())).group_size
+        notes.append(
+            f"group size {gs} does not divide input width {', '.join(map(str, ragged))}: the last group of those "
+            "layers is shorter (ceil(in / group) groups). compress, AutoGPTQ and GPTQModel read this; vLLM and "
+            "the compressed-tensors decompressor need whole groups (choose a group size dividing the width)."
+        )
     if checkpoint_format == F.GPTQ_V2:
         notes.append(
             "GPTQ written as checkpoint_format gptq_v2 (zero points stored as they are): some asymmetric "
@@ -375,7 +386,10 @@ def describe(folder: str | os.PathLike) -> dict:
     shapes = C.tensor_shapes(files)
     qc = config.get("quantization_config") or {}
     leaf = {"gptq": "qweight", "compressed-tensors": "weight_packed"}.get(fmt)
-    quantized = sorted(n.rsplit(".", 1)[0] for n in shapes if leaf and n.endswith("." + leaf))
+    quantized = sorted(
+        (n.rsplit(".", 1)[0] for n in shapes if leaf and n.endswith("." + leaf)),
+        key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")],  # layers.10 after layers.9
+    )
     qnames = {f"{p}." for p in quantized}
     q_bytes = f_bytes = 0
     float_dtypes: set[str] = set()

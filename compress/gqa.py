@@ -77,7 +77,8 @@ class GQAStage:
 
     name = "gqa"
 
-    def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous"):
+    def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous",
+                 refit_output: bool = True):
         if pooling not in M.POOLINGS:
             raise RecipeError(f"gqa: pooling must be one of {', '.join(M.POOLINGS)}")
         if grouping not in M.GROUPINGS:
@@ -85,13 +86,16 @@ class GQAStage:
         self.num_kv_heads = num_kv_heads
         self.pooling = pooling
         self.grouping = grouping
+        # fit kinds: finish with an o_proj least-squares refit on the layer's real activations
+        self.refit_output = refit_output and pooling != "mean"
         self.notes: list[str] = []
         self.orders: dict[int, list[int]] = {}
         self._before: int | None = None
 
     @classmethod
     def from_recipe(cls, entry) -> GQAStage:
-        return cls(entry.num_key_value_heads, entry.pooling, entry.grouping)
+        return cls(entry.num_key_value_heads, entry.pooling, entry.grouping,
+                   getattr(entry, "refit_output", True))
 
     @property
     def needs_calibration(self) -> bool:
@@ -113,31 +117,102 @@ class GQAStage:
                 raise RecipeError(f"gqa: attention with {norm} is not supported")
         if kv_heads == self.num_kv_heads:
             return  # already there: identity
-        cov = self._second_moment(ctx) if self.needs_calibration else None
+        cov, targets = self._collect(ctx) if self.needs_calibration else (None, [])
         att = read_attention(attn, kv_heads, head_dim)
-        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov)
+        rotary = self._rotary(ctx, head_dim)
+        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary)
         if order != list(range(heads)):
             self.orders[ctx.index] = order
         write_attention(attn, pooled, heads)
         set_config_kv_heads(ctx.config, self.num_kv_heads)
+        if self.refit_output:
+            self._refit_output(ctx, attn, targets)
 
-    def _second_moment(self, ctx: LayerContext) -> torch.Tensor:
-        acc: dict[str, torch.Tensor | int] = {"sum": 0, "n": 0}
+    def _collect(self, ctx: LayerContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One pass: the attention-input second moment, and (for the o_proj refit) the attention outputs."""
+        acc: dict = {"sum": 0, "n": 0}
+        targets: list[torch.Tensor] = []
 
-        def hook(_module, args, _output):
+        def on_input(_module, args, _output):
             x = args[0]
             acc["sum"] = acc["sum"] + M.second_moment(x).cpu()
             acc["n"] += x.shape[0] * x.shape[1]
 
-        ctx.forward({ctx.arch.k_proj: hook}, keep_outputs=False)
-        return acc["sum"] / max(int(acc["n"]), 1)
+        def on_attention(_module, _args, output):
+            targets.append((output[0] if isinstance(output, tuple) else output).detach())
+
+        hooks = {ctx.arch.k_proj: on_input}
+        if self.refit_output:
+            hooks[ctx.arch.attention] = on_attention
+        ctx.forward(hooks, keep_outputs=False)
+        return acc["sum"] / max(int(acc["n"]), 1), targets
+
+    def _refit_output(self, ctx: LayerContext, attn: nn.Module, targets: list[torch.Tensor]) -> None:
+        o_proj: nn.Linear = attn.o_proj
+        bias = o_proj.bias.detach().double() if o_proj.bias is not None else None
+        acc: dict = {"gram": 0, "cross": 0, "batch": 0}
+
+        def on_o_input(_module, args, _output):
+            a = args[0].reshape(-1, args[0].shape[-1]).double()
+            y = targets[acc["batch"]].reshape(a.shape[0], -1).double()
+            if bias is not None:
+                y = y - bias
+            acc["gram"] = acc["gram"] + (a.T @ a).cpu()
+            acc["cross"] = acc["cross"] + (y.T @ a).cpu()
+            acc["batch"] += 1
+
+        ctx.forward({ctx.arch.o_proj: on_o_input}, keep_outputs=False)
+        new = M.refit_output(acc["gram"], acc["cross"], o_proj.weight.detach().cpu())
+        o_proj.weight.data.copy_(new.to(o_proj.weight.dtype))
+
+    def _rotary(self, ctx: LayerContext, head_dim: int) -> M.Rotary | None:
+        """The model's RoPE frequencies over the calibration window length."""
+        if self.pooling == "mean":
+            return None
+        seq_len = ctx.inputs.hidden[0].shape[1]
+        inv_freq = None
+        if ctx.model is not None:
+            try:
+                inv_freq = ctx.model.get_submodule(ctx.arch.rotary_path).inv_freq
+            except AttributeError:
+                inv_freq = None
+        if inv_freq is None or inv_freq.numel() != head_dim // 2:
+            params = getattr(ctx.config, "rope_parameters", None) or {}
+            theta = params.get("rope_theta", getattr(ctx.config, "rope_theta", 10000.0))
+            return M.Rotary.default(head_dim, float(theta), seq_len)
+        return M.Rotary.from_inv_freq(inv_freq.detach().cpu(), seq_len)
 
     def finish(self, model: nn.Module, arch, final) -> None:
         before = self._before or head_counts(model.config)[1]
         set_config_kv_heads(model.config, self.num_kv_heads)
         self.notes.append(
-            f"gqa: {before} → {self.num_kv_heads} KV heads (pooling {self.pooling}, grouping {self.grouping}); "
+            f"gqa: {before} → {self.num_kv_heads} KV heads (pooling {self.pooling}, grouping {self.grouping}"
+            f"{', o_proj refit on activations' if self.refit_output else ''}); "
             f"KV cache ×{self.num_kv_heads / before:.3g}"
         )
         if self.orders:
             self.notes.append(f"gqa: query heads regrouped in {len(self.orders)} layer(s)")
+
+    # -- resume (compress/resume.py) ---------------------------------------------
+
+    def resume_state(self) -> dict:
+        return {"orders": {str(i): order for i, order in self.orders.items()}}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.orders = {int(i): list(order) for i, order in state["orders"].items()}
+
+    def restore_layer(self, model: nn.Module, layer: nn.Module, index: int) -> None:
+        """A resumed layer got its pooled tensors back: restore what tensors do not carry."""
+        from compress.arch import arch_for
+
+        attn = layer.get_submodule(arch_for(model).attention)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(attn, name)
+            linear.out_features, linear.in_features = linear.weight.shape
+        heads, _, head_dim = head_counts(model.config)
+        num_kv = attn.k_proj.weight.shape[0] // head_dim
+        if num_kv == self.num_kv_heads:
+            attn.num_key_value_groups = heads // num_kv
+            if hasattr(attn, "num_key_value_heads"):
+                attn.num_key_value_heads = num_kv
+            set_config_kv_heads(model.config, num_kv)

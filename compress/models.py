@@ -75,8 +75,9 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (ValueError, KeyError, OSError) as e:
-        raise ModelLoadError(f"could not load GGUF {path}: {e}") from e
+    # A damaged file fails anywhere in the GGUF reader (struct.error, IndexError...).
+    except Exception as e:
+        raise ModelLoadError(f"could not load GGUF {path}: {_reason(e)}") from e
     # The weights are dequantized to plain floats: drop the GGUF marker, so the model
     # saves and exports like any float model.
     if hasattr(model.config, "quantization_config"):
@@ -154,10 +155,20 @@ def _load_folder(path: Path, dtype: torch.dtype, kwargs: dict, weights: Path | N
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path}: no config.json, not a Hugging Face model folder")
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type", "unknown")
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path / 'config.json'}: not valid JSON ({e})") from e
-    arch_for_model_type(model_type)
+        config_data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise ModelLoadError(f"{path / 'config.json'}: not valid JSON ({_reason(e)})") from e
+    if not isinstance(config_data, dict):
+        raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
+    arch_for_model_type(config_data.get("model_type", "unknown"))
+    if (path / "manifest.json").exists():
+        # An exported float checkpoint: check its files before trusting them.
+        from compress.checkpoint import CheckpointError, verify
+
+        try:
+            verify(path)
+        except CheckpointError as e:
+            raise ModelLoadError(str(e)) from None
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -173,12 +184,47 @@ def _load_folder(path: Path, dtype: torch.dtype, kwargs: dict, weights: Path | N
                 )
             model.tie_weights()
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        if isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(f"could not load model from {path}: {str(e).splitlines()[0]}") from e
+            # use_safetensors: never unpickle a pytorch_model.bin from an unknown source.
+            # ignore_mismatched_sizes + output_loading_info: we get the list of what does not
+            # fit and raise on it, where transformers would fill missing weights with random
+            # values and only warn (or point at a log for size mismatches).
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, local_files_only=True, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True, **kwargs,
+            )
+            tied = config.tie_word_embeddings
+            missing = sorted(k for k in info.get("missing_keys", []) if k != "lm_head.weight" or not tied)
+            mismatched = sorted(_mismatch(k) for k in info.get("mismatched_keys", []))
+            if mismatched:
+                raise ModelLoadError(f"{path}: tensors do not match config.json: {', '.join(mismatched[:2])}")
+            if missing:
+                raise ModelLoadError(
+                    f"{path}: config.json names tensors the weights lack ({len(missing)}, e.g. {missing[:2]})"
+                )
+    except ModelLoadError:
+        raise
+    # Loading untrusted files fails in many ways (SafetensorError, size mismatches, config
+    # validation errors of huggingface_hub...): each means the same to the user.
+    except Exception as e:
+        raise ModelLoadError(f"could not load model from {path}: {_reason(e)}") from e
     return model, tokenizer
+
+
+def _mismatch(entry) -> str:
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        name, in_file, in_config = entry
+        return f"{name} is {list(in_file)} in the weights, {list(in_config)} by the config"
+    return str(entry)
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a library's (often multi-line) error message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for key in ("size mismatch", "ValueError:", "incomplete metadata", "header"):
+        for line in lines:
+            if key in line:
+                return line[:300]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def _is_int4_checkpoint(path: Path) -> bool:

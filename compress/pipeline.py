@@ -347,6 +347,9 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
     for s in built:
         if isinstance(s.stage, QuantizingStage):
             quantized.update(s.stage.quantized)
+    for s in built:  # a stage that removed layers renumbers the records (drop_layers)
+        if hasattr(s.stage, "rename_quantized"):
+            quantized = s.stage.rename_quantized(quantized)
 
     if recipe.eval.perplexity:
         t = time.perf_counter()
@@ -399,6 +402,7 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
         )
         timing["export"] = time.perf_counter() - t
         result["export"] = {"format": recipe.export.format, "path": str(out), **(info or {})}
+        result["notes"] += (info or {}).get("notes", [])
     timing["total"] = time.perf_counter() - t_start
     result["peak_memory"] = peak_memory(device)
     if point is not None:

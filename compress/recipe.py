@@ -111,6 +111,7 @@ class GQAStage(Strict):
         "mean", description="mean (GQA paper), fit (calibrated refit), fit_q (fit + per-plane query rescale)"
     )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
+    refit_output: bool = Field(True, description="fit kinds: refit o_proj by least squares on layer activations")
 
 
 class DropLayersStage(Strict):
@@ -190,6 +191,12 @@ class Recipe(Strict):
             raise ValueError("stages: at most one quantizing stage (rtn or gptq)")
         if self.export.format in ("gptq", "compressed-tensors") and not quantizing:
             raise ValueError(f"export.format: '{self.export.format}' needs a quantizing stage (rtn or gptq)")
+        if self.export.format in ("gptq", "compressed-tensors") and quantizing and quantizing[0].bits not in (2, 4, 8):
+            # Found here, not after hours of calibration when export packs the codes.
+            raise ValueError(
+                f"export.format: '{self.export.format}' packs 2, 4 or 8 bits, the recipe quantizes to "
+                f"{quantizing[0].bits} (use format 'float' or 'none' to evaluate other widths)"
+            )
         return self
 
     @property

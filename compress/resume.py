@@ -16,7 +16,10 @@ embeddings) are recomputed from the calibration windows, which are deterministic
 
 Resuming restores the tensors bit for bit, so the result equals an uninterrupted run.
 A stage that keeps state across layers other than quantized records and notes must
-define ``resume_state() -> dict`` and ``load_resume_state(state: dict)``.
+define ``resume_state() -> dict`` and ``load_resume_state(state: dict)``. A stage that
+changes the shapes of a layer's tensors (MHA→GQA) must also define
+``restore_layer(model, layer, index)``, which puts back what tensors do not carry (module
+attributes such as head counts, the config); without it such progress is refused.
 """
 
 from __future__ import annotations
@@ -183,7 +186,15 @@ class Progress:
         try:
             for i in range(done):
                 saved = load_file(str(self.dir / f"layer_{i:04d}.safetensors"))
-                _restore_layer(layers[i], {k[6:]: v for k, v in saved.items() if k.startswith("layer.")}, i)
+                reshaped = _restore_layer(layers[i], {k[6:]: v for k, v in saved.items() if k.startswith("layer.")}, i)
+                fixers = [st for st in (getattr(s, "stage", s) for s in stages) if hasattr(st, "restore_layer")]
+                if reshaped and not fixers:
+                    raise ResumeError(
+                        f"layer {i}: a stage changed tensor shapes ({reshaped[0]}) and cannot be resumed; "
+                        "run without --resume"
+                    )
+                for stage in fixers:
+                    stage.restore_layer(model, layers[i], i)
                 if i == done - 1:
                     torch.set_rng_state(saved["rng.cpu"])
                     if "rng.cuda" in saved and torch.cuda.is_available():
@@ -199,7 +210,7 @@ class Progress:
         for j, s in enumerate(stages):
             stage = getattr(s, "stage", s)
             meta = state["stages"].get(str(j), {})
-            if hasattr(stage, "notes") and meta.get("notes") is not None:
+            if isinstance(vars(stage).get("notes"), list) and meta.get("notes") is not None:
                 stage.notes[:] = meta["notes"]
             if hasattr(s, "seconds"):
                 s.seconds = float(meta.get("seconds", 0.0))
@@ -211,14 +222,16 @@ class Progress:
         return ResumePoint(done, hidden, state.get("evaluation_before"), dict(state.get("timing", {})))
 
 
-def _restore_layer(layer: nn.Module, saved: dict[str, Tensor], index: int) -> None:
+def _restore_layer(layer: nn.Module, saved: dict[str, Tensor], index: int) -> list[str]:
+    """Put the saved tensors into ``layer``; returns the names whose shape changed."""
     current = layer.state_dict(keep_vars=True)
     if set(current) != set(saved):
         raise ResumeError(f"layer {index}: saved tensors do not match the model; run without --resume")
+    reshaped = [name for name, target in current.items() if tuple(target.shape) != tuple(saved[name].shape)]
     for name, target in current.items():
-        t = saved[name].to(target.device)
         # .data, not copy_: a stage may have changed the shape (e.g. fewer KV heads).
-        target.data = t
+        target.data = saved[name].to(target.device)
+    return reshaped
 
 
 def _restore_records(stage, j: int, layer_index: int, saved: dict[str, Tensor], meta: dict) -> None:

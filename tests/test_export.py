@@ -334,3 +334,28 @@ def test_rtn_recipe_exports_gptq_that_reloads_to_the_same_perplexity(tmp_path, c
     windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=2)
     ppl = evaluate.perplexity(loaded.model, windows, batch_size=2, progress=False)["perplexity"]
     assert ppl == pytest.approx(report["evaluation"]["after"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_ragged_last_group_is_written_with_a_note(tmp_path, fmt):
+    """Group 48 on widths 64 and 128, as group 128 on the embedded model's 576: readable, and said so."""
+    model = make_tiny_model()
+    quantized = quantize_model(model, int4.QuantArgs(4, 48, True))
+    info = export.export_checkpoint(tmp_path / "r", model, tiny_tokenizer(), quantized, fmt)
+    assert any("does not divide input width 64, 128" in n for n in info["notes"])
+    ckpt = C.read(tmp_path / "r")
+    for name, qw in quantized.items():
+        assert_same(qw, ckpt.quantized[name])
+    assert torch.equal(logits(models.load(tmp_path / "r").model), logits(model))
+
+
+def test_what_a_hard_kill_leaves_does_not_look_finished(tmp_path, quantized_tiny):
+    """A SIGKILL can leave the staging folder: hidden, named .partial, without manifest, and refused."""
+    model, quantized = quantized_tiny
+    staging = tmp_path / ".ckpt.partial"
+    export.save(staging, model, None, quantized, "gptq")  # written, but never closed with a manifest
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(C.CheckpointError, match="unfinished export"):
+        C.read(staging)
+    with pytest.raises(C.CheckpointError, match=r"no manifest\.json"):
+        C.verify(staging)

@@ -23,6 +23,7 @@ from compress.quant.gptq import (
     hessian_from_inputs,
     rtn_quantize,
     run_gptq,
+    split_rows,
 )
 from compress.quant.int4 import QuantArgs
 from compress.quant.rtn import RTNStage
@@ -165,6 +166,19 @@ def test_blocked_float32_matches_slow_reference_in_error():
     fast = output_error(x, w, gptq_quantize(w, h, args, act_order="g_idx").dequantize())
     slow = output_error(x, w, slow_gptq(w, h, args, act_order="g_idx").dequantize())
     assert fast == pytest.approx(slow, rel=0.02)
+
+
+@pytest.mark.parametrize("act_order", ACT_ORDERS)
+def test_stacked_rows_equal_separate_runs(act_order):
+    """The stage quantizes q/k/v (and gate/up) as one stacked matrix: rows are independent."""
+    w, x = correlated_problem(out_features=40, seed=8, dtype=torch.float64)
+    h = (2.0 / x.shape[0]) * (x.T @ x)
+    args = QuantArgs(4, 32, False)
+    parts = split_rows(gptq_quantize(w, h, args, act_order=act_order), [24, 8, 8])
+    for part, rows in zip(parts, (slice(0, 24), slice(24, 32), slice(32, 40)), strict=True):
+        alone = gptq_quantize(w[rows], h, args, act_order=act_order)
+        assert (part.codes != alone.codes).float().mean().item() < 1e-3
+        assert torch.equal(part.group_index(), alone.group_index())
 
 
 def test_act_order_g_idx_groups_follow_processing_order():
@@ -314,3 +328,44 @@ def test_stage_from_recipe_and_ignore():
     stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head", "mlp.*"], true_sequential=False)
     run_layerwise(model, arch_for(model), _calibration(n=4), [stage], progress=False)
     assert sorted(stage.quantized) == [f"model.layers.0.self_attn.{p}_proj" for p in "koqv"]
+
+
+# ---------------------------------------------------------------------------
+# The embedded model, small settings
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_gptq_recipe_beats_rtn_exports_and_reloads_to_the_same_perplexity(tmp_path):
+    import json
+
+    import yaml
+
+    from compress import data, evaluate, models
+    from compress.cli import main
+
+    recipe = yaml.safe_load(open("recipes/smollm2-gptq-w4g128.yaml"))
+    assert recipe["export"]["format"] == "gptq" and recipe["stages"][0]["type"] == "gptq"
+    recipe["data"]["calibration"] = {"samples": 8, "seq_len": 256}
+    recipe["data"]["evaluation"] = {"seq_len": 256, "max_windows": 4}
+    recipe["eval"]["before"] = False
+    recipe["export"]["output"] = str(tmp_path / "out")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--quiet", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    gptq_ppl = report["evaluation"]["after"]["perplexity"]
+    assert report["export"]["quantized_linears"] == 210
+
+    loaded = models.load("smollm2")
+    corpus = data.load_corpus("wiki")
+    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=4)
+    rtn = RTNStage(QuantArgs(4, 128, True), ["lm_head"])
+    run_layerwise(loaded.model, loaded.arch, windows[:1], [rtn], progress=False)
+    rtn_ppl = evaluate.perplexity(loaded.model, windows, batch_size=4, progress=False)["perplexity"]
+    assert gptq_ppl < rtn_ppl
+
+    reloaded = models.load(out)
+    ppl = evaluate.perplexity(reloaded.model, windows, batch_size=4, progress=False)["perplexity"]
+    assert ppl == pytest.approx(gptq_ppl, rel=1e-5)

@@ -66,9 +66,12 @@ def as_attention(pooled: M.Pooled) -> M.Attention:
     return M.Attention(pooled.q, pooled.k, pooled.v, pooled.o, M.kv_of_queries(pooled.q.shape[0], pooled.k.shape[0]))
 
 
+ROTARY = M.Rotary.default(d, seq_len=16)
+
+
 def objectives(att: M.Attention, pooled: M.Pooled, cov: torch.Tensor) -> tuple[float, float]:
     new_kv = M.kv_of_queries(att.num_heads, pooled.k.shape[0])
-    key = sum(M.key_objective(att.q[h], att.k[att.kv_of[h]], pooled.q[h], pooled.k[new_kv[h]], cov)
+    key = sum(M.key_objective(att.q[h], att.k[att.kv_of[h]], pooled.q[h], pooled.k[new_kv[h]], cov, ROTARY)
               for h in range(att.num_heads))
     val = sum(M.value_objective(att.o[h], att.v[att.kv_of[h]], pooled.o[h], pooled.v[new_kv[h]], cov)
               for h in range(att.num_heads))
@@ -110,10 +113,10 @@ def test_identical_heads_in_group_pool_exactly(pooling, grouping):
 
 def test_fit_never_worse_than_mean_on_its_objective():
     cov = random_cov()
-    for seed in range(4):
-        att = random_attention(heads=8, kv_heads=4, seed=seed, bias=seed % 2 == 0)
+    for seed in range(2):
+        att = random_attention(heads=4, kv_heads=4, seed=seed, bias=seed % 2 == 0)
         for groups in (2, 1):
-            scores = {p: objectives(att, M.pool(att, groups, p, cov), cov) for p in M.POOLINGS}
+            scores = {p: objectives(att, M.pool(att, groups, p, cov, ROTARY), cov) for p in M.POOLINGS}
             assert scores["fit"][0] <= scores["mean"][0] * (1 + 1e-9)
             assert scores["fit"][1] <= scores["mean"][1] * (1 + 1e-9)
             assert scores["fit_q"][0] <= scores["fit"][0] * (1 + 1e-9)
@@ -125,10 +128,10 @@ def test_fit_keys_is_weighted_least_squares():
     """The closed form beats small random perturbations of itself on the key objective."""
     cov = random_cov()
     att = random_attention(heads=4, kv_heads=4, seed=3)
-    k = M.fit_keys(att.q, att.k, cov)
+    k = M.fit_keys(att.q, att.k, cov, ROTARY)
 
     def obj(k_new):
-        return sum(float(M.key_objective(att.q[h], att.k[h], att.q[h], k_new, cov)) for h in range(4))
+        return sum(float(M.key_objective(att.q[h], att.k[h], att.q[h], k_new, cov, ROTARY)) for h in range(4))
 
     best = obj(k)
     g = torch.Generator().manual_seed(0)
@@ -203,11 +206,11 @@ def test_tiny_mha_converts_and_reloads(tmp_path, tiny_windows, n, pooling, group
 
 def test_fit_beats_mean_on_tiny_model(tiny_windows):
     """Measured, not assumed: logit error of fit vs mean on the calibration windows (llama, 4 → 1)."""
-    base = make_tiny_model("llama", heads=4, kv_heads=4, layers=2)
+    base = make_tiny_model("llama", heads=4, kv_heads=4, layers=1)
     with torch.no_grad():
         ref = base(input_ids=tiny_windows).logits
     errors = {}
-    for pooling in M.POOLINGS:
+    for pooling in ("mean", "fit"):
         model = _convert(copy.deepcopy(base), tiny_windows, 1, pooling, "contiguous")
         with torch.no_grad():
             errors[pooling] = float((model(input_ids=tiny_windows).logits - ref).pow(2).mean())
@@ -231,3 +234,38 @@ def test_report_shows_kv_cache_at_context():
     lines = _kv_context_lines({"kv_bytes_per_token_before": 30720, "kv_bytes_per_token_after": 10240})
     assert f"at {KV_CONTEXT} tokens" in lines[0] and "60.0 MiB" in lines[0] and "20.0 MiB" in lines[1]
     assert "66.7%" in lines[2] and "×3.00" in lines[2]
+
+
+def test_key_objective_matches_brute_force():
+    """Closed form against every token pair and every relative rotation, written out."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, D, generator=g, dtype=torch.float64)
+    cov = M.second_moment(x) / 12
+    att = random_attention(heads=2, kv_heads=2, seed=8)
+    q_old, k_old, q_new, k_new = att.q[0], att.k[0], att.q[1], att.k[1]
+    xa = torch.cat([x, torch.ones(12, 1, dtype=x.dtype)], 1)
+    r = ROTARY.matrices()  # [P, T, 2, 2]
+
+    total = 0.0
+    for t, wt in enumerate(ROTARY.weights):
+        for i in range(12):
+            for j in range(12):
+                for p in range(d // 2):  # the objective sums the planes' squared errors
+                    a, b = p, p + d // 2
+                    qn, kn = (q_new @ xa[i])[[a, b]], (k_new @ xa[j])[[a, b]]
+                    qo, ko = (q_old @ xa[i])[[a, b]], (k_old @ xa[j])[[a, b]]
+                    total += wt * (qn @ r[p, t] @ kn - qo @ r[p, t] @ ko) ** 2 / 144
+    assert float(M.key_objective(q_old, k_old, q_new, k_new, cov, ROTARY)) == pytest.approx(float(total), rel=1e-9)
+
+
+def test_refit_output_recovers_exact_linear_map():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    w_true, w0 = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.zeros(5, 12, dtype=torch.float64)
+    y = a @ w_true.T
+    torch.testing.assert_close(M.refit_output(a.T @ a, y.T @ a, w0, damp=0.0), w_true)
+    # Where the activations say nothing (a column always 0), the damping keeps the old weights.
+    a[:, 3] = 0
+    w0 = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    w = M.refit_output(a.T @ a, (a @ w_true.T).T @ a, w0, damp=1e-6)
+    torch.testing.assert_close(w[:, 3], w0[:, 3])

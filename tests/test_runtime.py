@@ -71,6 +71,18 @@ def test_float_logits_equal_transformers(model_type, tokens):
     assert rel_err(ours, ref) < 1e-4
 
 
+def test_sliding_window_equals_transformers(tokens):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           sliding_window=8)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    model, _ = from_transformers(hf)
+    assert rel_err(run_logits(model, tokens), hf(tokens).logits) < 1e-4
+
+
 @pytest.mark.parametrize("rope", [
     {"rope_type": "linear", "factor": 2.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -205,6 +217,33 @@ def test_eos_stops_generation():
     assert stopped.stop_reasons == ["eos"]
 
 
+class CharTokenizer:
+    """Token i is the character chr(97 + i % 26): enough to test text handling."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) - 97 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_strings_and_streaming():
+    model, info = from_transformers(make_tiny_model("llama"))
+    rt = Runtime(model, CharTokenizer(), info)
+    free = rt.generate("abcd", max_new_tokens=12)
+    stop = free.text[4:6]
+    pieces: list[str] = []
+    stopped = rt.generate("abcd", max_new_tokens=12, stop=[stop], stream=pieces.append)
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert stopped.stop_reasons == ["stop"]
+    assert "".join(pieces) == stopped.text
+    streamed: list[str] = []
+    rt.generate("abcd", max_new_tokens=12, stream=streamed.append)
+    assert "".join(streamed) == free.text
+
+
 def test_prompt_longer_than_context_is_one_clear_error():
     model, info = from_transformers(make_tiny_model("llama", max_positions=32))
     with pytest.raises(RuntimeInputError, match="context is 32"):
@@ -277,3 +316,45 @@ def test_embedded_model_greedy_equals_transformers():
     ref = hf_greedy(loaded.model, torch.tensor([ids]), 32)
     ours = llm.generate_ids([ids], 32)
     assert ours.tokens[0] == ref[0, len(ids):].tolist()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("out_features,in_features,group_size,act_order", [
+    (64, 256, 64, False), (40, 576, 128, False), (48, 256, 128, True), (32, 200, 100, False),
+])
+def test_cuda_int4_kernel_equals_reference(out_features, in_features, group_size, act_order):
+    g = torch.Generator().manual_seed(0)
+    qw = quantize(torch.randn(out_features, in_features, generator=g) * 0.05, QuantArgs(4, group_size, False))
+    if act_order:
+        qw = _shuffle_groups(qw, g)
+    x = torch.randn(7, in_features, generator=g)
+    expected = x @ qw.dequantize().t()
+    layer = Int4Linear(qw, backend="cuda", device="cuda", dtype=torch.bfloat16)
+    assert layer.backend == "cuda"
+    torch.testing.assert_close(layer(x.cuda().bfloat16()).float().cpu(), expected, **BF16_TOL)
+
+
+@cuda
+def test_cuda_model_matches_transformers(tokens):
+    hf = make_tiny_model("qwen2")
+    records = quantize_linears(hf, QuantArgs(4, 32, symmetric=False))
+    ref = hf(tokens).logits
+    float_model, _ = from_transformers(hf, device="cuda", dtype=torch.float32)
+    assert rel_err(run_logits(float_model, tokens.cuda()).cpu(), ref) < 1e-4
+    int4_model, info = from_transformers(hf, records, device="cuda", dtype=torch.bfloat16)
+    assert info.backends == {"cuda": 8}
+    torch.testing.assert_close(run_logits(int4_model, tokens.cuda()).cpu(), ref, rtol=5e-2, atol=5e-2)
+
+
+@cuda
+def test_cuda_compiled_decode_equals_eager():
+    hf = make_tiny_model("llama")
+    records = quantize_linears(hf, QuantArgs(4, 32, symmetric=True))
+    model, info = from_transformers(hf, records, device="cuda", dtype=torch.bfloat16)
+    prompt = [[5, 17, 99, 3, 42, 8]]
+    eager = Runtime(model, None, info).generate_ids(prompt, 20).tokens
+    compiled = Runtime(model, None, info, compile_decode=True).generate_ids(prompt, 20).tokens
+    assert compiled == eager

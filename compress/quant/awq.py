@@ -529,17 +529,32 @@ class AWQStage:
         names = [n for n in self._quantized_names(ctx, ctx.arch.linears) if n not in skip]
         if not names:
             return
+        # A strided subsample of tokens, as the reference does, bounds cost and memory.
+        step = max(1, ctx.inputs.num_tokens // self.clip_tokens)
         inputs: dict[str, list[Tensor]] = {n: [] for n in names}
-        hooks = {n: (lambda _m, inp, _o, n=n: inputs[n].append(inp[0].detach())) for n in names}
+
+        def keep(name: str, x: Tensor) -> None:
+            inputs[name].append(x.detach().reshape(-1, x.shape[-1])[::step].clone())
+
+        hooks = {n: (lambda _m, inp, _o, n=n: keep(n, inp[0])) for n in names}
         ctx.forward(hooks, keep_outputs=False)
         for name in names:
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs.pop(name)])
-            # A strided subsample of tokens, as the reference does, bounds the cost.
-            step = max(1, x.shape[0] // self.clip_tokens)
-            x = x[::step][: self.clip_tokens]
+            x = torch.cat(inputs.pop(name))[: self.clip_tokens]
             lin = ctx.submodule(name)
             lo, hi = clip_search(lin.weight.data, x, self.args, self.clip_grid, self.max_shrink)
             lin.weight.data = apply_clip(lin.weight.data, lo, hi, self.args.group_size)
+
+    # -- resume (compress/resume.py): the cross-layer state, as plain data ---------
+
+    def resume_state(self) -> dict:
+        return {
+            "records": [[r.layer, r.prev, r.alpha, r.error, r.unit_error] for r in self.records],
+            "skipped": sorted(self.skipped),
+        }
+
+    def load_resume_state(self, state: dict) -> None:
+        self.records = [PairRecord(*r) for r in state["records"]]
+        self.skipped = set(state["skipped"])
 
     # -- report ------------------------------------------------------------------
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from fnmatch import fnmatch
 
+import torch
 from torch import Tensor, nn
 
 from compress.calibrate import LayerContext
 from compress.quant.int4 import QuantArgs, QuantizedWeight
+
+log = logging.getLogger("compress")
 
 
 def is_ignored(name: str, patterns: list[str]) -> bool:
@@ -26,6 +30,7 @@ class QuantizingStage:
         self.args = args
         self.ignore = list(ignore or [])
         self.quantized: dict[str, QuantizedWeight] = {}
+        self.notes: list[str] = []
 
     def targets(self, ctx: LayerContext, names: tuple[str, ...] | None = None) -> Iterator[tuple[str, nn.Linear]]:
         for short in names or ctx.arch.linears:
@@ -37,6 +42,13 @@ class QuantizingStage:
         """Keep the record and put the weights it stands for into the model."""
         self.quantized[full_name] = qw
         module.weight.data = dequantized_like(qw, module.weight)
+        # Scales are stored in float16: a group whose range needs more is clipped. Rare
+        # (weights beyond ~500k at 4 bits) but silent otherwise.
+        saturated = int((qw.scales >= torch.finfo(torch.float16).max).sum())
+        if saturated:
+            message = f"{full_name}: {saturated} group(s) beyond the float16 scale range, clipped"
+            self.notes.append(message)
+            log.warning(message)
 
 
 def dequantized_like(qw: QuantizedWeight, weight: Tensor) -> Tensor:

@@ -119,13 +119,6 @@ def rtn_quantize(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> Quan
     return QuantizedWeight(codes, scales, zeros, args.bits, args.group_size, args.symmetric)
 
 
-def quantize_column(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """(codes, dequantized values) of one column ``w`` [out]; the same arithmetic as int4."""
-    scale, zero = scale.float(), zero.float()
-    codes = torch.clamp(torch.round(w.float() / scale) + zero, 0, maxq)
-    return codes, ((codes - zero) * scale).to(w.dtype)
-
-
 def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Copies of H (float, dead diagonal set to 1) and W (dead columns zeroed), and the dead mask."""
     if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != w.shape[1]:
@@ -208,7 +201,19 @@ def run_gptq(
         mse = MSEGrid()
     elif mse is False:
         mse = None
+    with _one_thread_on_cpu(weight.device):
+        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse)
 
+
+def _run_gptq(
+    weight: Tensor,
+    hessian: Tensor,
+    args: QuantArgs,
+    damp_percent: float,
+    block_size: int,
+    act_order: ActOrder,
+    mse: MSEGrid | None,
+) -> GPTQResult:
     h, w, dead = prepare_hessian(hessian, weight)
     out_features, columns = w.shape
     width = args.group_width(columns)
@@ -247,8 +252,7 @@ def run_gptq(
 
     codes = torch.zeros(out_features, columns, dtype=torch.float32, device=w.device)
     losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
-    with _one_thread_on_cpu(w.device):
-        _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
+    _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
 
     g_idx = None
     if perm is not None:
@@ -263,8 +267,9 @@ def run_gptq(
 
 @contextlib.contextmanager
 def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """The column loop is thousands of small operations: on CPU, thread hand-offs cost more
-    than they save (on 2 busy cores, 20x more), so run it on one thread."""
+    """GPTQ on CPU is thousands of small operations and a few modest factorizations:
+    thread hand-offs cost more than they save (on 2 busy shared cores, 15x more), so
+    run it on one thread. Hessian accumulation (the big products) keeps every thread."""
     if device.type != "cpu":
         yield
         return
@@ -297,27 +302,37 @@ def _blocked_updates(
     """
     columns = w.shape[1]
     maxq = args.maxq
+    # Per-group parameters as contiguous rows, looked up once per column.
+    scales_t = scales.T.contiguous()
+    zeros_t = zeros.T.float().contiguous()
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        codes1 = torch.zeros(w.shape[0], i2 - i1, dtype=torch.float32, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
+        diag = torch.diag(hinv1).tolist()
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
             if not fixed_params and j % width == 0:
                 current = _current_group(w, w1, err1, hinv, i1, i2, j, min(j + width, columns))
                 s, z = group_qparams(current, args, mse)
-                scales[:, g], zeros[:, g] = s, z
+                scales_t[g], zeros_t[g] = s, z.float()
+            s, z = scales_t[g], zeros_t[g]
             col = w1[:, i]
-            c, q = quantize_column(col, scales[:, g], zeros[:, g], maxq)
-            codes[:, j] = c
-            d = hinv1[i, i]
-            err = (col - q) / d
-            losses += (err * err / 2).float()
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
+            c = torch.div(col.float(), s).round_().add_(z).clamp_(0, maxq)
+            codes1[:, i] = c
+            err = (col - c.sub_(z).mul_(s).to(col.dtype)).div_(diag[i])
             err1[:, i] = err
+            # Rank-1 update of the rest of the block (column i itself is done).
+            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)
+        codes[:, i1:i2] = codes1
+        losses += (err1 * err1).sum(dim=1).float() / 2
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    scales.copy_(scales_t.T)
+    zeros.copy_(zeros_t.T.to(torch.int32))
 
 
 def _current_group(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
@@ -332,6 +347,26 @@ def _current_group(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i
     done = start - i1
     beyond = w[:, i2:end] - err1[:, :done] @ hinv[i1:start, i2:end]
     return torch.cat([inside, beyond], dim=1)
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Records for consecutive row ranges of ``qw`` (one per stacked linear)."""
+    out, start = [], 0
+    for n in sizes:
+        rows = slice(start, start + n)
+        out.append(
+            QuantizedWeight(
+                qw.codes[rows].clone(),
+                qw.scales[rows].clone(),
+                qw.zeros[rows].clone(),
+                qw.bits,
+                qw.group_size,
+                qw.symmetric,
+                None if qw.g_idx is None else qw.g_idx.clone(),
+            )
+        )
+        start += n
+    return out
 
 
 def hessian_from_inputs(x: Tensor) -> Tensor:
@@ -409,12 +444,19 @@ class GPTQStage(QuantizingStage):
             if not targets:
                 continue
             hessians = self.collect_hessians(ctx, [short for short, _ in targets])
+            # Linears reading the same input (q/k/v, gate/up) share H, hence U: GPTQ treats
+            # rows independently, so one run on their stacked rows gives each one's result
+            # with one factorization and a third of the column steps.
+            shared: dict[int, list[tuple[str, nn.Linear]]] = {}
             for short, module in targets:
-                self.quantize_linear(f"{ctx.name}.{short}", module, hessians[short])
+                shared.setdefault(id(hessians[short]), []).append((short, module))
+            for members in shared.values():
+                self.quantize_linears(ctx.name, members, hessians[members[0][0]])
 
-    def quantize_linear(self, full_name: str, module: nn.Linear, hessian: Tensor) -> None:
+    def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
+        weights = [module.weight.data for _, module in members]
         result = run_gptq(
-            module.weight.data,
+            torch.cat(weights) if len(weights) > 1 else weights[0],
             hessian,
             self.args,
             self.damp_percent,
@@ -422,12 +464,15 @@ class GPTQStage(QuantizingStage):
             self.act_order,
             self.mse,
         )
+        label = f"{prefix}." + "+".join(short for short, _ in members)
         for note in result.notes:
-            message = f"{full_name}: {note}"
+            message = f"{label}: {note}"
             self.notes.append(message)
             log.warning(message)
-        self.losses[full_name] = result.loss
-        self.record(full_name, module, result.qweight)
+        self.losses[label] = result.loss
+        parts = split_rows(result.qweight, [w.shape[0] for w in weights])
+        for (short, module), qw in zip(members, parts, strict=True):
+            self.record(f"{prefix}.{short}", module, qw)
 
     @torch.no_grad()
     def collect_hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ def generate(args: argparse.Namespace) -> int:
         raise RuntimeInputError("--max-new-tokens must be >= 1")
     backend = "cpu" if args.backend == "kernel" and args.device == "cpu" else args.backend
     try:
-        llm = load(args.checkpoint, device=args.device, backend=backend)
+        llm = load(args.checkpoint, device=args.device, backend=backend, head=getattr(args, "head", "float"))
     except ValueError as e:  # a back end that cannot run on the device
         raise RuntimeInputError(str(e)) from e
 

@@ -66,6 +66,9 @@ def _sync(device: torch.device) -> None:
 class Runtime:
     """A loaded model with its tokenizer, ready to generate."""
 
+    # Timer of the reported speeds; benchmarks on a shared CPU swap in time.process_time.
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self, model: Transformer, tokenizer, info: LoadInfo, eos_ids: set[int] | None = None,
                  compile_decode: bool = False):
         self.model = model
@@ -135,10 +138,13 @@ class Runtime:
         pad_id = next(iter(self.eos_ids), 0)
         pad_lens = [length - len(p) for p in prompts]
         tokens = torch.tensor([[pad_id] * n + p for n, p in zip(pad_lens, prompts)], device=self.device)
-        # Round the cache up so that nearby lengths reuse it (and a compiled step keeps its shapes).
-        max_len = min(-(-(length + max_new_tokens) // 64) * 64, self.context_length)
         model = self.model
-        model.setup_caches(batch, max_len)
+        needed = length + max_new_tokens
+        if model.max_batch != batch or model.max_len < needed:
+            # Round up so that nearby lengths reuse the cache; a compiled step (static shapes over
+            # the whole cache) starts at 1024 positions so that it seldom recompiles.
+            floor = 1024 if self._decode is not None else 0
+            model.setup_caches(batch, min(max(-(-needed // 64) * 64, floor), self.context_length))
         model.set_padding(pad_lens if any(pad_lens) else None)
         generator = None
         if seed is not None:
@@ -152,13 +158,13 @@ class Runtime:
         result = GenerationResult(texts, out, length, batch=batch)
 
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         with torch.inference_mode():
             model.slice_kv = True
             logits = model(tokens, torch.arange(length, device=self.device))
             next_ids = sample(logits[:, -1], params, generator)
             _sync(self.device)
-            t1 = time.perf_counter()
+            t1 = self.clock()
             result.prefill_s = t1 - t0
             for step in range(max_new_tokens):
                 ids_list = next_ids.tolist()
@@ -175,7 +181,9 @@ class Runtime:
                         if cut is not None:
                             texts[b], done[b], reasons[b] = texts[b][:cut], True, "stop"
                 if stream is not None and batch == 1:
-                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream, done[0])
+                    hold = max((len(x) for x in stop or []), default=1) - 1  # a stop string may be starting
+                    streamed = _stream_piece(self, out[0], texts[0] if stop else None, streamed, stream,
+                                             done[0] or step == max_new_tokens - 1, hold)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 pos = torch.tensor([length + step], device=self.device)
@@ -183,7 +191,7 @@ class Runtime:
                 next_ids = sample(logits[:, -1], params, generator)
                 result.decode_steps += 1
             _sync(self.device)
-            result.decode_s = time.perf_counter() - t1
+            result.decode_s = self.clock() - t1
         for b in range(batch):
             if reasons[b] != "stop":
                 texts[b] = self.decode(out[b])
@@ -211,11 +219,14 @@ def _first_stop(text: str, stop: list[str]) -> int | None:
 
 
 def _stream_piece(rt: Runtime, ids: list[int], text: str | None, streamed: int,
-                  emit: Callable[[str], None], final: bool) -> int:
-    """Emit the newly decoded suffix; hold back an incomplete UTF-8 character."""
+                  emit: Callable[[str], None], final: bool, hold: int = 0) -> int:
+    """Emit the newly decoded text; until the end, hold back an incomplete UTF-8 character and
+    the last ``hold`` characters (they may begin a stop string)."""
     full = text if text is not None else rt.decode(ids)
-    if full.endswith("\ufffd") and not final:
-        return streamed
+    if not final:
+        if full.endswith("\ufffd"):
+            return streamed
+        full = full[: len(full) - hold] if hold else full
     if len(full) > streamed:
         emit(full[streamed:])
         return len(full)
@@ -251,7 +262,8 @@ def load(
 ) -> Runtime:
     """Load an exported checkpoint (GPTQ, compressed-tensors) or float model folder.
 
-    ``dtype`` of activations and float weights: float32 on CPU, bfloat16 on CUDA by default.
+    ``dtype`` of activations and float weights, by default bfloat16 on CUDA, and on CPU bfloat16
+    for int4 checkpoints on the kernel (its fast path takes bfloat16), float32 otherwise.
     ``backend`` for int4 linears: auto (kernel for the device), kernel, reference.
     ``head='int4'`` quantizes a float output layer at load (faster decode, slightly different logits).
     ``compile`` compiles the decode step (CUDA graphs on CUDA).
@@ -266,8 +278,6 @@ def load(
     dev = resolve_device(device)
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model, info = load_folder(folder, device=dev, dtype=dtype, backend=backend, head=head)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

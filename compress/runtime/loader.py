@@ -61,14 +61,18 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def load_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 backend: str = "auto", head: str = "float") -> tuple[Transformer, LoadInfo]:
+    """``dtype`` None: bfloat16 on CUDA, and on CPU for int4 weights on the kernel; else float32."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise RuntimeInputError(f"checkpoint folder not found: {folder}")
     config = read_config(folder)
     tensors = read_tensors(folder)
     quant_format, quantized = formats.read_quantized(tensors, config)
+    if dtype is None:
+        on_kernel = (bool(quantized) or head == "int4") and backend != "reference"
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" or on_kernel else torch.float32
     model, info = build_model(config, tensors, quantized, device=device, dtype=dtype, backend=backend, head=head)
     info.source, info.quant_format = str(folder), quant_format
     return model, info

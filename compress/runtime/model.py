@@ -116,20 +116,22 @@ def rope_inv_freq(args: ModelArgs) -> tuple[Tensor, float]:
 
 
 def rope_table(args: ModelArgs, length: int) -> Tensor:
-    """cos and sin for every position: float32 [length, 2, head_dim] (rotate-half layout)."""
+    """cos and signed sin for every position: float32 [length, 2, head_dim].
+
+    Rotate-half RoPE is ``x·cos + rotate_half(x)·sin``; ``rotate_half(x) = sign · roll(x, D/2)``
+    with sign −1 on the first half, so the table holds ``sign · sin`` and the rotation is one roll.
+    """
     inv_freq, attention_scaling = rope_inv_freq(args)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return torch.stack([emb.cos() * attention_scaling, emb.sin() * attention_scaling], dim=1)
+    sign = torch.cat([-torch.ones_like(inv_freq), torch.ones_like(inv_freq)])
+    return torch.stack([emb.cos() * attention_scaling, sign * emb.sin() * attention_scaling], dim=1)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """x [B, heads, T, D], rope [T, 2, D] -> rotated x (rotate-half convention, float32 math)."""
-    cos, sin = rope[:, 0], rope[:, 1]
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    """x [B, T, heads, D], rope [T, 2, D] in x's dtype (as transformers does) -> rotated x."""
+    cos, signed_sin = rope[:, None, 0], rope[:, None, 1]
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class RMSNorm(nn.Module):
@@ -139,9 +141,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # float32 statistics as transformers computes them, then the weight in the model's dtype
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -179,24 +180,27 @@ class Attention(nn.Module):
         self.wo: nn.Module = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
+        """``mask`` None: every key up to ``kv_len`` is visible, causally (no padding, no window)."""
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        qkv = self.wqkv(x)
+        # RoPE on queries and keys together: one rotation for both.
+        qk = apply_rope(qkv[..., : q_size + kv_size].view(bsz, seqlen, self.n_heads + self.n_kv, self.head_dim), rope)
+        q = qk[:, :, : self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads :].transpose(1, 2)
+        v = qkv[..., q_size + kv_size :].view(bsz, seqlen, self.n_kv, self.head_dim).transpose(1, 2)
         if self.kv_cache is None:
             raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
         k, v = self.kv_cache.update(input_pos, k, v)
         if kv_len is not None:  # eager: attend over the filled prefix only, not the whole cache
-            k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
-        group = self.n_heads // self.n_kv
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            if mask is not None:
+                mask = mask[..., :kv_len]
+        # Without a mask: one query sees every key; a prefill from position 0 is plain causal.
+        causal = mask is None and seqlen > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_heads != self.n_kv)
         y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
         return self.wo(y)
 
@@ -221,7 +225,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, kv_len: int | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor, kv_len: int | None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -239,6 +243,7 @@ class Transformer(nn.Module):
         # Set by the caller: eager runs slice attention to the filled prefix; a compiled
         # decode step keeps static shapes and attends over the whole (masked) cache.
         self.slice_kv = True
+        self.windowed = False
         self.register_buffer("rope", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
         self.register_buffer("key_valid", torch.empty(0, dtype=torch.bool), persistent=False)
@@ -259,14 +264,15 @@ class Transformer(nn.Module):
             )
         if max_batch == self.max_batch and max_len == self.max_len:
             self.set_padding(None)
-            return
+            return  # keep the buffers: a compiled step and its CUDA graphs hold on to them
         a = self.args
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
         self.max_batch, self.max_len = max_batch, max_len
-        self.rope = rope_table(a, max_len).to(self.device)
+        self.rope = rope_table(a, max_len).to(self.device, self.dtype)
         mask = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
-        if a.sliding_window is not None and a.sliding_window < max_len:
+        self.windowed = a.sliding_window is not None and a.sliding_window < max_len
+        if self.windowed:
             mask &= ~torch.ones_like(mask).tril(-a.sliding_window)
         self.causal_mask = mask
         self.set_padding(None)
@@ -294,9 +300,18 @@ class Transformer(nn.Module):
         """Logits [B, T, V] (float32) for ``tokens`` [B, T] written at positions ``input_pos`` [T]."""
         if self.max_len == 0:
             raise RuntimeError("call model.setup_caches(batch, max_len) before forward")
-        kv_len = int(input_pos[-1]) + 1 if self.slice_kv else None
+        kv_len = None
+        mask = None
+        if self.slice_kv:
+            kv_len = int(input_pos[-1]) + 1
+            seqlen = tokens.shape[1]
+            # The cheap paths need no mask: a decode step, or a prefill that starts at 0.
+            plain = self.key_valid.numel() == 0 and not self.windowed and (seqlen == 1 or kv_len == seqlen)
+            if not plain:
+                mask = self.attention_mask(input_pos)
+        else:
+            mask = self.attention_mask(input_pos)
         rope = self.rope[input_pos]
-        mask = self.attention_mask(input_pos)
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos, kv_len)

@@ -8,11 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Tiny models gain nothing from threads, and on shared cores OpenMP threads spin against
+# other jobs: one thread here and in the subprocesses (also the same arithmetic in both,
+# which bit-for-bit resume comparisons rely on).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 WORDS = (
     "the river runs past old mills and stone bridges while farmers bring grain to the market town "

@@ -230,3 +230,31 @@ def test_group_size_rule_ragged_last_group():
     for bad in (0, 4, 12, -2):
         with pytest.raises(R.RecipeError, match="group_size"):
             R.parse({"name": "x", "stages": [{"type": "rtn", "group_size": bad}]})
+
+
+def test_bit_width_the_export_cannot_pack_is_caught_before_any_work():
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(R.RecipeError, match="packs 2, 4 or 8 bits"):
+            R.parse({"name": "x", "stages": [{"type": "gptq", "bits": 3}], "export": {"format": fmt}})
+    assert R.parse({"name": "x", "stages": [{"type": "gptq", "bits": 3}], "export": {"format": "float"}})
+
+
+def test_output_may_be_anywhere_but_nothing_is_written_outside_it(base, tmp_path, monkeypatch):
+    """Rule: the output folder is where the user says (``../x`` and absolute paths included);
+    the job writes nothing else outside it (its staging sibling is gone when it ends)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    recipe = copy.deepcopy(base)
+    recipe["export"] = {"format": "gptq", "output": "../elsewhere/out"}
+    path = write_recipe(work / "r.yaml", recipe)
+    before = {p for p in tmp_path.rglob("*")}
+    assert main(["run", str(path), "-q"]) == 0
+    out = (work / "../elsewhere/out").resolve()
+    created = {p.resolve() for p in tmp_path.rglob("*")} - {p.resolve() for p in before}
+    outside = [p for p in created if p != out and out not in p.parents and p != out.parent]
+    assert outside == [], outside
+    assert (out / "manifest.json").is_file() and (out / "model.safetensors").is_file()
+    # The recipe name cannot smuggle a path into the default output folder.
+    with pytest.raises(R.RecipeError, match="name"):
+        R.parse({"name": "../../x", "export": {"format": "none"}})

@@ -1,0 +1,334 @@
+"""GPTQ side by side: float, RTN, our GPTQ and llm-compressor's GPTQModifier, one run.
+
+Every method runs in its own process (fresh peak-memory figure, no shared caches) on the
+same calibration and evaluation windows, which the driver cuts once and hands over in a
+safetensors file. Our code and the peer run on the same interpreter (a separate virtual
+environment that has llm-compressor; /work/main/.venv stays untouched), with the same
+torch thread count.
+
+    /work/bench-venv/bin/python scripts/bench_gptq.py --calibration 32 --eval-windows 40
+
+Prints a table and writes it, with the command, to eval/results/gptq-vs-peers.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# (job name, what it is) in run order.
+JOBS = {
+    "float": "float32 model, no quantization",
+    "rtn-sym": "RTN w4 g{g} symmetric",
+    "rtn-asym": "RTN w4 g{g} asymmetric",
+    "ours-sym": "our GPTQ w4 g{g} sym, act-order static, true-sequential",
+    "ours-asym": "our GPTQ w4 g{g} asym, act-order static, true-sequential",
+    "ours-sym-noact": "our GPTQ w4 g{g} sym, act-order off",
+    "ours-sym-gidx": "our GPTQ w4 g{g} sym, act-order with g_idx",
+    "ours-sym-seq-off": "our GPTQ w4 g{g} sym, act-order static, true-sequential off",
+    "peer-sym": "llm-compressor GPTQModifier w4 g{g} sym (actorder static)",
+    "peer-asym": "llm-compressor GPTQModifier w4 g{g} asym (actorder static)",
+}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------------
+# Workers: one method each, in a fresh process
+# ---------------------------------------------------------------------------
+
+
+def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(threads)
+    from compress import evaluate, models
+
+    tensors = load_file(windows_path)
+    calib, evalw = tensors["calibration"], tensors["evaluation"]
+    loaded = models.load("smollm2", "float32", "cpu")
+    model = loaded.model
+    rss_loaded = peak_rss_bytes()
+    symmetric = not job.endswith("asym")
+    info: dict = {"job": job, "threads": torch.get_num_threads()}
+
+    t = time.perf_counter()
+    cpu = time.process_time()
+    if job.startswith(("rtn", "ours")):
+        from compress.calibrate import run_layerwise
+        from compress.quant.int4 import QuantArgs
+
+        args = QuantArgs(4, group, symmetric)
+        if job.startswith("rtn"):
+            from compress.quant.rtn import RTNStage
+
+            stage = RTNStage(args, ["lm_head"])
+            windows = calib[:1]  # RTN needs no data; the engine wants something to run
+        else:
+            from compress.quant.gptq import GPTQStage
+
+            act_order = {"noact": "none", "gidx": "g_idx"}.get(job.rsplit("-", 1)[-1], "static")
+            sequential = not job.endswith("seq-off")
+            stage = GPTQStage(args, ["lm_head"], act_order=act_order, true_sequential=sequential)
+            windows = calib
+        run_layerwise(model, loaded.arch, windows, [stage], "cpu", batch_size, progress=False)
+        info["quantized_linears"] = len(stage.quantized)
+        info["notes"] = list(getattr(stage, "notes", []))
+    elif job.startswith("peer"):
+        info.update(run_peer(model, loaded.tokenizer, calib, group, symmetric, batch_size))
+    info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
+    # CPU time (all threads): fairer than wall time when the cores are shared with other jobs.
+    info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
+    info["peak_rss_quantize"] = peak_rss_bytes()
+    info["rss_after_load"] = rss_loaded
+
+    t = time.perf_counter()
+    info["eval"] = evaluate.perplexity(model, evalw, batch_size, "cpu", progress=False)
+    info["eval_seconds"] = time.perf_counter() - t
+    return info
+
+
+def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: int) -> dict:
+    """llm-compressor's GPTQModifier through its oneshot entry point, on our windows."""
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    scheme = {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4,
+                "type": "int",
+                "symmetric": symmetric,
+                "strategy": "group",
+                "group_size": group,
+            },
+        }
+    }
+    modifier = GPTQModifier(
+        config_groups=scheme, ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static"
+    )
+    ids = calib.tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=len(ids),
+        max_seq_length=calib.shape[1],
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
+    quantized = sum(1 for m in model.modules() if hasattr(m, "weight_scale"))
+    return {"peer_version": llmcompressor.__version__, "quantized_linears": quantized}
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, seed: int) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from compress import data, models
+
+    loaded = models.load("smollm2", "float32", "cpu")
+    corpus = data.load_corpus("wiki")
+    calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, calibration, seq_len, seed)
+    evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, seq_len, eval_windows)
+    if path.exists():  # a reused --keep-dir: its results are only comparable on the same windows
+        from safetensors.torch import load_file
+
+        old = load_file(str(path))
+        if not (torch.equal(old["calibration"], calib) and torch.equal(old["evaluation"], evalw)):
+            raise SystemExit(f"{path} holds other windows than these options give: use another --keep-dir")
+    save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(path))
+    return {"data": corpus.describe(), "calibration": list(calib.shape), "evaluation": list(evalw.shape)}
+
+
+def run_job(job: str, windows: Path, opts) -> dict:
+    out = windows.parent / f"{job}.json"
+    cmd = [sys.executable, __file__, "--worker", job, "--windows", str(windows), "--json", str(out)]
+    cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads)]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=opts.timeout)
+    except subprocess.TimeoutExpired:
+        return {"job": job, "error": f"killed after {opts.timeout} s", "process_seconds": time.perf_counter() - t}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"job": job, "error": "\n".join(tail), "process_seconds": time.perf_counter() - t}
+    result = json.loads(out.read_text())
+    result["process_seconds"] = time.perf_counter() - t
+    return result
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def table(results: dict[str, dict], group: int) -> str:
+    float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
+    lines = [
+        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | eval s | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for job, r in results.items():
+        what = JOBS[job].format(g=group)
+        if "error" in r:
+            first = r["error"].splitlines()[-1] if r["error"] else "failed"
+            lines.append(f"| {job} | failed | | | | | | {what}: `{first[:160]}` |")
+            continue
+        ppl = r["eval"]["perplexity"]
+        delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
+        secs = f"{r['quantize_seconds']:.1f}" if job != "float" else "–"
+        cpu = f"{r['quantize_cpu_seconds']:.1f}" if job != "float" and "quantize_cpu_seconds" in r else "–"
+        rss = fmt_bytes(r["peak_rss_quantize"])
+        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {r['eval_seconds']:.0f} | {what} |")
+    return "\n".join(lines)
+
+
+def ratios(results: dict[str, dict]) -> list[str]:
+    out = []
+    float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
+    for kind in ("sym", "asym"):
+        ours, peer, rtn = (results.get(f"{m}-{kind}", {}) for m in ("ours", "peer", "rtn"))
+        if "eval" in ours and "eval" in peer:
+            out.append(
+                f"- {kind}: perplexity ours/peer {ours['eval']['perplexity'] / peer['eval']['perplexity']:.4f}; "
+                f"time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}; "
+                f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
+            )
+        if "eval" in ours and "eval" in rtn and float_ppl:
+            share = (ours["eval"]["perplexity"] - float_ppl) / (rtn["eval"]["perplexity"] - float_ppl)
+            out.append(f"- {kind}: our GPTQ keeps {share:.1%} of RTN's perplexity increase over float")
+    act = {j: results.get(j, {}) for j in ("ours-sym", "ours-sym-noact", "ours-sym-gidx")}
+    if all("eval" in r for r in act.values()):
+        out.append(
+            "- act-order (sym): static {:.3f}, off {:.3f}, g_idx {:.3f}".format(
+                *(r["eval"]["perplexity"] for r in act.values())
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calibration", type=int, default=32, help="calibration windows")
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--group", type=int, default=64, help="64: the peer refuses 128 on 576-wide inputs")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every method (1: the cores are shared)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds before a method's process is killed")
+    default_jobs = "float,rtn-sym,rtn-asym,ours-sym,ours-asym,ours-sym-noact,peer-sym,peer-asym"
+    p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
+    p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
+    p.add_argument("--keep-dir", help="keep per-method results here and reuse those already present")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--windows", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+
+    if opts.worker:
+        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads)
+        Path(opts.json).write_text(json.dumps(result))
+        return 0
+
+    jobs = [j.strip() for j in opts.jobs.split(",") if j.strip()]
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        p.error(f"unknown jobs: {', '.join(unknown)}")
+    command = "python scripts/bench_gptq.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-gptq-") as tmp:
+        # --keep-dir: results survive an interrupted run, and jobs already done there are reused.
+        folder = Path(opts.keep_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        windows = folder / "windows.safetensors"
+        meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed)
+        print(f"data: {meta}", flush=True)
+        for job in jobs:
+            done = folder / f"{job}.json"
+            if opts.keep_dir and done.exists():
+                results[job] = json.loads(done.read_text())
+                results[job].setdefault("process_seconds", 0.0)
+                print(f"{job}: reused {done}", flush=True)
+                continue
+            results[job] = run_job(job, windows, opts)
+            r = results[job]
+            status = r.get("error", "").splitlines()[-1:] if "error" in r else r["eval"]["perplexity"]
+            print(f"{job}: {status} ({r['process_seconds']:.0f} s)", flush=True)
+    total = time.perf_counter() - t0
+
+    load = os.getloadavg()
+    versions = _versions()
+    body = [
+        "# GPTQ w4: ours vs llm-compressor (and RTN, float)",
+        "",
+        f"Command (from the repository root, {total / 60:.0f} min in all):",
+        "",
+        f"    {sys.executable} {command[len('python ') :]}",
+        "",
+        f"Model: embedded SmolLM2-135M-Instruct, float32, CPU ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch threads {opts.threads}, "
+        f"load average at the end {load[0]:.1f}: the cores were shared with other jobs, so times are noisy).",
+        f"Data: {meta['data']}; calibration {meta['calibration'][0]} x {meta['calibration'][1]} tokens, "
+        f"evaluation {meta['evaluation'][0]} x {meta['evaluation'][1]} (the same windows for every method). "
+        "Perplexity by the project's protocol (compress.evaluate). `lm_head` kept in float everywhere.",
+        f"Versions: {versions}.",
+        "Each method runs in its own process; quantize wall time covers only the quantization "
+        "(our layer-by-layer run, or the peer's `oneshot`); peak RSS is the process's peak after quantization "
+        "(model loading included, the same for all).",
+        "",
+        table(results, opts.group),
+        "",
+        *ratios(results),
+        "",
+    ]
+    notes = [f"- {j}: {n}" for j, r in results.items() for n in r.get("notes", [])[:5]]
+    if notes:
+        body += ["Notes from our stage:", "", *notes, ""]
+    text = "\n".join(body)
+    print(text)
+    out = Path(opts.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return 0
+
+
+def _versions() -> str:
+    parts = []
+    for name in ("torch", "transformers", "llmcompressor", "compressed_tensors"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {module.__version__}")
+        except Exception:  # a missing peer is reported, not fatal
+            parts.append(f"{name} missing")
+    return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

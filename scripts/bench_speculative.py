@@ -1,0 +1,248 @@
+"""Speculative decoding side by side: plain, each draft kind, and transformers' assisted generation.
+
+One run, same prompts, greedy: open-ended prompts and input-grounded ones (rewrite or summarize a
+paragraph of the corpus's evaluation split). Rows:
+  runtime plain                 the float target, one token per pass
+  runtime + int4 self-draft     the draft built by recipes/smollm2-draft.yaml
+  runtime + prompt lookup       n-gram draft, no model
+  transformers plain / assisted (assistant_model: the same draft weights, dequantized) / prompt lookup
+Every row is checked against plain greedy output (speculative decoding must not change it).
+
+    python scripts/bench_speculative.py --draft outputs/smollm2-draft --threads 1 --clock cpu \
+        --out eval/results/speculative-cpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.runtime.generate import Runtime, load
+from compress.runtime.sampling import SamplingParams
+from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate_runtime
+
+CLOCK = time.perf_counter
+
+OPEN_ENDED = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain to a ten-year-old why the sky is blue.",
+]
+GROUNDED = [
+    "Rewrite the following paragraph in plain English, keeping every fact:\n\n{p}",
+    "Summarize the following paragraph in two or three sentences:\n\n{p}",
+]
+
+
+def corpus_paragraphs(n: int, words: int = 110) -> list[str]:
+    """The first n evaluation documents of the embedded corpus, cut near ``words`` words on a sentence end."""
+    from compress import data
+
+    out = []
+    for doc in data.load_corpus("wiki").evaluation:
+        text = " ".join(doc.split())
+        if len(text.split()) < words // 2:
+            continue
+        cut = " ".join(text.split()[:words])
+        end = max(cut.rfind(". "), cut.rfind("."))
+        out.append(cut[: end + 1] if end > len(cut) // 2 else cut)
+        if len(out) == n:
+            break
+    return out
+
+
+@dataclass
+class Row:
+    name: str
+    tokens: int = 0
+    seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    proposed: int = 0
+    accepted: int = 0
+    passes: int = 0
+    exact: list[bool] = field(default_factory=list)
+
+    def add(self, tokens, seconds, exact, decode_tokens=0, decode_seconds=0.0, proposed=0, accepted=0, passes=0):
+        self.tokens += tokens
+        self.seconds += seconds
+        self.decode_tokens += decode_tokens
+        self.decode_seconds += decode_seconds
+        self.proposed += proposed
+        self.accepted += accepted
+        self.passes += passes
+        self.exact.append(exact)
+
+
+def hf_models(target_dir: Path, draft_dir: Path | None, device: torch.device, dtype: torch.dtype):
+    """transformers target, and a transformers copy of the target carrying the draft's dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).to(device).eval()
+    if draft_dir is None:
+        return hf, None
+    from compress.runtime import formats
+    from compress.runtime.loader import read_config, read_tensors
+
+    _, quantized = formats.read_quantized(read_tensors(draft_dir), read_config(draft_dir))
+    assistant = copy.deepcopy(hf)
+    modules = dict(assistant.named_modules())
+    with torch.no_grad():
+        for name, qw in quantized.items():
+            modules[name].weight.copy_(qw.dequantize().to(dtype))
+    return hf, assistant
+
+
+def hf_generate(hf, ids: list[int], new_tokens: int, eos: set[int], **kwargs) -> tuple[list[int], float]:
+    x = torch.tensor([ids], device=hf.device)
+    sync(hf.device)
+    t = CLOCK()
+    with torch.inference_mode():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=next(iter(eos), 0), **kwargs)
+    sync(hf.device)
+    seconds = CLOCK() - t
+    gen = out[0, len(ids):].tolist()
+    return [t for t in gen if t not in eos], seconds
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="smollm2", help="target checkpoint (default: the embedded float model)")
+    p.add_argument("--draft", default="outputs/smollm2-draft", help="draft checkpoint (int4 self-draft)")
+    p.add_argument("--draft-head", default="int4", choices=["float", "int4"],
+                   help="quantize the draft's output layer at load (default int4)")
+    p.add_argument("--k", type=int, default=4, help="draft tokens per pass for the model draft")
+    p.add_argument("--lookup-k", type=int, default=8, help="draft tokens per pass for prompt lookup")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=2, help="prompts of each kind (open-ended, grounded)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (with --threads 1, robust on a machine shared with other jobs)")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
+    p.add_argument("--out", help="write the Markdown table here")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+        Runtime.clock = staticmethod(time.process_time)
+    device = torch.device(args.device)
+
+    target = load(args.target, device=device)
+    target_dir = Path(target.info.source)
+    draft_dir = Path(args.draft) if args.draft else None
+    draft_rt = load(draft_dir, device=device, head=args.draft_head) if draft_dir else None
+    paragraphs = corpus_paragraphs(args.prompts)
+    prompts = {
+        "open-ended": OPEN_ENDED[: args.prompts],
+        "input-grounded": [GROUNDED[i % len(GROUNDED)].format(p=para) for i, para in enumerate(paragraphs)],
+    }
+    encoded = {kind: [target.encode(t, chat=True) for t in texts] for kind, texts in prompts.items()}
+    eos = target.eos_ids
+    greedy = SamplingParams()
+
+    hf = assistant = None
+    if not args.no_transformers:
+        hf, assistant = hf_models(target_dir, draft_dir, device, target.model.dtype)
+
+    def run_plain(ids, n):
+        r = target.generate_ids([ids], n, greedy)
+        return r.tokens[0], r.prefill_s + r.decode_s, r.decode_steps, r.decode_s, 0, 0, r.decode_steps
+
+    def run_spec(draft, drt, k):
+        def fn(ids, n):
+            toks, s = generate_runtime(target, draft, drt, ids, n, k, greedy, clock=CLOCK)
+            return (toks, s.prefill_seconds + s.decode_seconds, s.new_tokens - 1, s.decode_seconds,
+                    s.proposed, s.accepted, s.target_passes)
+        return fn
+
+    def run_hf(**kw):
+        def fn(ids, n):
+            toks, secs = hf_generate(hf, ids, n, eos, **kw)
+            return toks, secs, 0, 0.0, 0, 0, 0
+        return fn
+
+    methods = {"runtime plain": run_plain}
+    if draft_rt is not None:
+        methods[f"runtime + int4 self-draft (k={args.k})"] = run_spec(ModelDraft(draft_rt.model, device), draft_rt,
+                                                                      args.k)
+    methods[f"runtime + prompt lookup (k={args.lookup_k})"] = run_spec(PromptLookupDraft(), None, args.lookup_k)
+    if hf is not None:
+        methods["transformers plain"] = run_hf()
+        if assistant is not None:
+            methods["transformers assisted, same draft weights"] = run_hf(assistant_model=assistant)
+        methods[f"transformers prompt lookup ({args.lookup_k})"] = run_hf(prompt_lookup_num_tokens=args.lookup_k)
+
+    # Warm-up: allocations, kernel choice, first-call overheads; not timed.
+    for fn in methods.values():
+        fn(encoded["open-ended"][0], 4)
+
+    rows = {kind: {name: Row(name) for name in methods} for kind in encoded}
+    for kind, prompt_ids in encoded.items():
+        for ids in prompt_ids:
+            reference = None
+            for name, fn in methods.items():  # interleaved: every method on a prompt before the next prompt
+                toks, secs, dtok, dsec, prop, acc, passes = fn(ids, args.new_tokens)
+                reference = toks if reference is None else reference
+                rows[kind][name].add(len(toks), secs, toks == reference, dtok, dsec, prop, acc, passes)
+                print(f"{kind:15s} {name:45s} {len(toks):4d} tok {secs:7.2f} s exact={toks == reference}",
+                      file=sys.stderr)
+
+    lines = [
+        "# Speculative decoding: side by side",
+        "",
+        f"Target `{args.target}` (float, {target.model.dtype}), draft `{args.draft}` "
+        f"({draft_rt.info.quant_format if draft_rt else '-'}, output layer {args.draft_head}); device {device}, "
+        f"{args.clock} clock, torch threads {torch.get_num_threads()}; greedy, {args.new_tokens} new tokens, "
+        f"{args.prompts} prompts per kind (chat template). Speedup: end-to-end tokens/s (prefill included) over "
+        "the same framework's plain decoding. 'exact': output identical to plain greedy on every prompt.",
+        "",
+        "Command: `" + " ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "`",
+        "",
+    ]
+    for kind, by_name in rows.items():
+        lines += [f"## {kind}", "", "| method | tokens | tok/s | decode tok/s | speedup | acceptance | "
+                  "tokens / target pass | exact |", "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+        base = {"runtime": by_name["runtime plain"]}
+        if "transformers plain" in by_name:
+            base["transformers"] = by_name["transformers plain"]
+        for name, r in by_name.items():
+            tps = r.tokens / r.seconds if r.seconds else 0.0
+            b = base[name.split()[0]]
+            speed = tps / (b.tokens / b.seconds) if b.seconds and b.tokens else 0.0
+            dec = f"{r.decode_tokens / r.decode_seconds:.1f}" if r.decode_seconds else "-"
+            acc = f"{r.accepted / r.proposed:.0%}" if r.proposed else "-"
+            per = f"{r.decode_tokens / r.passes:.2f}" if r.passes else "-"
+            lines.append(f"| {name} | {r.tokens} | {tps:.1f} | {dec} | {speed:.2f}x | {acc} | {per} | "
+                         f"{'yes' if all(r.exact) else 'NO'} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
