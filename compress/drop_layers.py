@@ -95,7 +95,9 @@ class DropLayersStage:
 
     def resume_state(self) -> dict:
         """Scores of the layers done so far (a resumed run must not rescore them)."""
-        return {"layers": torch.tensor(list(self.scores)), "scores": torch.tensor(list(self.scores.values()))}
+        # float64: the scores are Python floats; float32 would round them and could reorder near-ties.
+        scores = torch.tensor(list(self.scores.values()), dtype=torch.float64)
+        return {"layers": torch.tensor(list(self.scores)), "scores": scores}
 
     def load_resume_state(self, state: dict) -> None:
         self.scores = dict(zip(state["layers"].tolist(), state["scores"].tolist(), strict=True))

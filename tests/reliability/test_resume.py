@@ -276,3 +276,27 @@ def test_resume_a_gqa_recipe(setup, monkeypatch, capsys, pooling):
     assert json.loads((out / "report.json").read_text())["resumed_after_layer"] == 2
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
     assert_identical(out, root / f"gqa-ref-{pooling}")
+
+
+def test_resume_a_drop_layers_recipe(setup, monkeypatch, capsys):
+    """drop_layers scores every layer before choosing: the scores survive the interruption."""
+    root, recipe = setup
+    recipe = copy.deepcopy(recipe)
+    recipe["stages"] = [{"type": "drop_layers", "keep": 2}, {"type": "rtn", "bits": 4, "group_size": 32}]
+    recipe["export"] = {"format": "gptq", "output": str(root / "drop-ref")}
+    pipeline.run(R.parse(recipe), progress=False)
+    out = root / "drop"
+    recipe["export"]["output"] = str(out)
+    path = write_recipe(root / "drop.yaml", recipe)
+
+    def fault(where: str) -> None:
+        if where == "after_save:1":
+            raise _Killed(where)
+
+    monkeypatch.setattr(pipeline, "fault", fault)
+    with pytest.raises(_Killed):
+        main(["run", str(path), "-q"])
+    monkeypatch.setattr(pipeline, "fault", lambda where: None)
+    assert main(["run", str(path), "-q", "--resume"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert_identical(out, root / "drop-ref")
