@@ -17,34 +17,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: reported in one line."""
     from compress.arch import UnsupportedArchitecture
     from compress.assets import AssetError
+    from compress.checkpoint import CheckpointError
     from compress.data import DataError
+    from compress.lm_eval_adapter import LMEvalError
     from compress.models import ModelLoadError
     from compress.pipeline import OutputError
+    from compress.quant.gptq import GPTQError
     from compress.recipe import RecipeError
     from compress.resume import ResumeError
+    from compress.runtime.errors import RuntimeInputError
 
     errors: list[type[BaseException]] = [
         RecipeError, ModelLoadError, DataError, UnsupportedArchitecture, OutputError, ResumeError, AssetError,
+        CheckpointError, LMEvalError, RuntimeInputError, GPTQError,
         FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
     ]
-    try:
-        from compress.export import CheckpointError
-
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        from compress.lm_eval_adapter import LMEvalError
-
-        errors.append(LMEvalError)
-    except ImportError:
-        pass
-    try:
-        from compress.runtime.errors import RuntimeInputError
-
-        errors.append(RuntimeInputError)
-    except ImportError:
-        pass
     return tuple(errors)
 
 
