@@ -124,8 +124,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2", help="target checkpoint (default: the embedded float model)")
     p.add_argument("--draft", default="outputs/smollm2-draft", help="draft checkpoint (int4 self-draft)")
-    p.add_argument("--draft-head", default="int4", choices=["float", "int4"],
-                   help="quantize the draft's output layer at load (default int4)")
+    p.add_argument("--draft-head", default="float", choices=["float", "int4"],
+                   help="int4: quantize the draft's output layer at load (faster, but agrees less often)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per pass for the model draft")
     p.add_argument("--lookup-k", type=int, default=8, help="draft tokens per pass for prompt lookup")
     p.add_argument("--new-tokens", type=int, default=64)
