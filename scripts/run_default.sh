@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-RECIPE=${RECIPE:-recipes/smollm2-rtn-w4g128.yaml}
+RECIPE=${RECIPE:-recipes/smollm2-gptq-w4g128.yaml}
 exec .venv/bin/compress run "$RECIPE" --overwrite "$@"
