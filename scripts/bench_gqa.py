@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--poolings", default=",".join(POOLINGS))
     p.add_argument("--groupings", default="contiguous,similarity")
     p.add_argument("--no-int4", action="store_true")
+    p.add_argument("--baseline", type=float, default=None,
+                   help="float perplexity already measured on the same windows: skip the float and RTN-only rows")
     p.add_argument("--refit", default="on", choices=["on", "off", "both"],
                    help="fit kinds: o_proj refit on activations (both: a row with and one without)")
     p.add_argument("--context", type=int, default=2048, help="context length for the KV-cache size")
@@ -72,12 +74,12 @@ def main() -> None:
         write_markdown(args, rows, eval_w, calib_w, kv_before, heads, kv_tok_before, state["kv_after"])
 
     t = time.perf_counter()
-    base = ppl(model)
-    rows.append(("(none)", "–", "no", base, time.perf_counter() - t))
+    base = args.baseline if args.baseline is not None else ppl(model)
+    rows.append(("(none)", "–", "no", base, 0.0 if args.baseline is not None else time.perf_counter() - t))
     print(f"float: {base:.3f}", flush=True)
     write()
     int4 = [False] if args.no_int4 else [False, True]
-    if not args.no_int4:
+    if not args.no_int4 and args.baseline is None:
         t = time.perf_counter()
         m = copy.deepcopy(model)
         run_layerwise(m, arch, calib_w[:1], [RTNStage(QuantArgs(4, 128, True), ["lm_head"])], args.device,

@@ -269,3 +269,19 @@ def test_refit_output_recovers_exact_linear_map():
     w0 = torch.randn(5, 12, generator=g, dtype=torch.float64)
     w = M.refit_output(a.T @ a, (a @ w_true.T).T @ a, w0, damp=1e-6)
     torch.testing.assert_close(w[:, 3], w0[:, 3])
+
+
+@pytest.mark.parametrize("n", [2, 1])
+def test_converted_model_runs_in_runtime(tmp_path, tiny_windows, n):
+    """The int4 runtime reads the rewritten config (h // group) and gives transformers' logits."""
+    from compress.runtime.loader import load_folder
+
+    model = _convert(make_tiny_model("llama", heads=4, kv_heads=4), tiny_windows, n, "fit_q", "similarity")
+    model.save_pretrained(tmp_path)
+    runtime, _ = load_folder(tmp_path)
+    tokens = tiny_windows[:2, :24]
+    runtime.setup_caches(tokens.shape[0], tokens.shape[1])
+    with torch.inference_mode():
+        ours = runtime(tokens, torch.arange(tokens.shape[1]))
+        ref = model(tokens).logits
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
