@@ -106,7 +106,14 @@ def _start(path: Path, fault: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "compress", "run", str(path), "-q"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell that starts the test run in the background ignores SIGINT, and children inherit that:
+        # give the child the default disposition so Python installs its KeyboardInterrupt handler.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_for_pause(p: subprocess.Popen) -> None:
