@@ -12,12 +12,35 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def window_nll(model: nn.Module, batch: Tensor) -> Tensor:
-    """Summed next-token NLL of each window in ``batch`` [b, seq] (float64 [b])."""
-    logits = model(input_ids=batch, use_cache=False).logits
-    shift = logits[:, :-1].float()
-    targets = batch[:, 1:]
+    """Summed next-token NLL of each window in ``batch`` [b, seq] (float64 [b]).
+
+    The output layer runs one window at a time: a batch's full logits (8 × 512 × 49152 floats for
+    SmolLM2, 0.8 GB, and as much again inside the loss) would dominate the job's peak memory.
+    """
+    decoder, head = _decoder_and_head(model)
+    if decoder is None:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return _nll(logits[:, :-1], batch[:, 1:])
+    hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+    return torch.cat([_nll(head(hidden[i : i + 1, :-1]), batch[i : i + 1, 1:]) for i in range(batch.shape[0])])
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The decoder stack and output layer of a plain causal LM (Llama, Mistral, Qwen2), else (None, None)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # Models that post-process logits (soft-capping, scaling) must go through their own forward.
+    if get_decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    if getattr(model.config, "model_type", "") not in ("llama", "mistral", "qwen2"):
+        return None, None
+    return get_decoder(), head
+
+
+def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+    shift = logits.float()
     nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), reduction="none")
-    return nll.view(batch.shape[0], -1).double().sum(dim=1)
+    return nll.view(targets.shape[0], -1).double().sum(dim=1)
 
 
 @torch.no_grad()

@@ -402,6 +402,10 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
         )
         timing["export"] = time.perf_counter() - t
         result["export"] = {"format": recipe.export.format, "path": str(out), **(info or {})}
+        # The staging folder also holds resume progress, which is deleted on commit: count what stays.
+        result["export"]["bytes"] = sum(
+            p.stat().st_size for p in tmp.rglob("*") if p.is_file() and saved.dir not in p.parents
+        )
         result["notes"] += (info or {}).get("notes", [])
     timing["total"] = time.perf_counter() - t_start
     result["peak_memory"] = peak_memory(device)
