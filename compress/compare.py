@@ -238,16 +238,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    # Rows of one size sit on top of each other: distinct markers and a legend, not labels on the points.
+    markers = "osD^vP<>Xdph"
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
     try:
-        for r in rows:
+        for i, r in enumerate(rows):
             if not r["perplexity"]:
                 continue
             x = r["weight_bytes"] / 2**20
             is_float = r["name"] == FLOAT_NAME
-            ax.scatter([x], [r["perplexity"]], s=60 if is_float else 40, marker="*" if is_float else "o",
-                       color="black" if is_float else None, zorder=3)
-            ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.scatter([x], [r["perplexity"]], s=90 if is_float else 45, zorder=3, alpha=0.85, label=r["name"],
+                       marker="*" if is_float else markers[i % len(markers)], color="black" if is_float else None)
         ppls = [r["perplexity"] for r in rows if r["perplexity"]]
         if ppls and max(ppls) > 10 * min(ppls):
             ax.set_yscale("log")  # one broken row must not flatten the others
@@ -256,6 +257,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("perplexity (lower is better)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         fig.tight_layout()
         fig.savefig(path, format="png")
     finally:
