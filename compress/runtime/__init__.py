@@ -3,7 +3,8 @@ int4 linears on kernel back ends, and generation (gpt-fast style: one concern pe
 
     from compress import runtime
     llm = runtime.load("out/smollm2-gptq", device="cpu")
-    print(llm.generate("The capital of France is", max_new_tokens=16).text)
+    print(llm.generate("What is the capital of France?", max_new_tokens=16).text)  # chat template applied
+    print(llm.generate("The capital of France is", max_new_tokens=16, chat=False).text)  # raw completion
 """
 
 from __future__ import annotations

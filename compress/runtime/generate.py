@@ -106,10 +106,15 @@ class Runtime:
         top_p: float | None = None,
         seed: int | None = 0,
         stop: list[str] | None = None,
-        chat: bool = False,
+        chat: bool = True,
         stream: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        """Generate for one prompt or a batch (left-padded). ``stream`` gets text pieces (batch of one)."""
+        """Generate for one prompt or a batch (left-padded). ``stream`` gets text pieces (batch of one).
+
+        ``chat`` wraps each prompt in the tokenizer's chat template when it has one (as ``compress generate``
+        does): an instruct model given a raw question often ends at once. ``encode(..., chat=False)`` and
+        ``generate_ids`` take raw text or ids.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         ids = [self.encode(p, chat) for p in prompts]
         params = SamplingParams(temperature, top_k, top_p)
