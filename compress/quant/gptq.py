@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.calibrate import LayerContext
+from compress.quant import int4
 from compress.quant.common import QuantizingStage
 from compress.quant.int4 import QuantArgs, QuantizedWeight, check_args, compute_qparams, fake_quantize_rows
 
@@ -103,20 +104,7 @@ def group_qparams(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> tup
 
 def rtn_quantize(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> QuantizedWeight:
     """Round to nearest per contiguous group, with the same (optional) clip search as GPTQ."""
-    out_features, in_features = w.shape
-    width = args.group_width(in_features)
-    groups = args.num_groups(in_features)
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=w.device)
-    scales = torch.empty(out_features, groups, dtype=torch.float32, device=w.device)
-    zeros = torch.empty(out_features, groups, dtype=torch.int32, device=w.device)
-    for g in range(groups):
-        cols = slice(g * width, min((g + 1) * width, in_features))
-        s, z = group_qparams(w[:, cols], args, mse)
-        codes[:, cols] = torch.clamp(torch.round(w[:, cols].float() / s[:, None]) + z[:, None], 0, args.maxq).to(
-            torch.uint8
-        )
-        scales[:, g], zeros[:, g] = s, z
-    return QuantizedWeight(codes, scales, zeros, args.bits, args.group_size, args.symmetric)
+    return int4.quantize(w, args, qparams=lambda cols, a: group_qparams(cols, a, mse))
 
 
 def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:

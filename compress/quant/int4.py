@@ -18,6 +18,7 @@ width gives a ragged last group (ceil(in / group) groups), as the GPTQ format al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -153,9 +154,15 @@ def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> T
     return (codes.float() - zeros[:, g].float()) * scales[:, g]
 
 
-def quantize(w: Tensor, args: QuantArgs) -> QuantizedWeight:
-    """Round-to-nearest quantization of a weight [out, in] per contiguous group."""
+def quantize(w: Tensor, args: QuantArgs, qparams: Callable[[Tensor, QuantArgs], tuple[Tensor, Tensor]] | None = None
+             ) -> QuantizedWeight:
+    """Round-to-nearest quantization of a weight [out, in] per contiguous group.
+
+    ``qparams`` chooses each group's (scale, zero) from its columns; default :func:`compute_qparams`
+    (GPTQ's RTN passes its clip search).
+    """
     check_args(args)
+    qparams = qparams or compute_qparams
     out_features, in_features = w.shape
     width = args.group_width(in_features)
     groups = args.num_groups(in_features)
@@ -164,7 +171,7 @@ def quantize(w: Tensor, args: QuantArgs) -> QuantizedWeight:
     zeros = torch.empty(out_features, groups, dtype=torch.int32, device=w.device)
     for g in range(groups):
         cols = slice(g * width, min((g + 1) * width, in_features))
-        scale, zero = compute_qparams(w[:, cols], args)
+        scale, zero = qparams(w[:, cols], args)
         codes[:, cols] = quantize_codes(w[:, cols], scale, zero, args.maxq)
         scales[:, g], zeros[:, g] = scale, zero
     return QuantizedWeight(codes, scales, zeros, args.bits, args.group_size, args.symmetric)
