@@ -147,6 +147,9 @@ class ExportConfig(Strict):
     format: Literal["gptq", "compressed-tensors", "float", "none"] = "gptq"
     output: str | None = Field(None, description="output folder (default outputs/<recipe name>)")
     max_shard_size: str = "2GB"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the unquantized tensors written (auto: the model's; bfloat16 halves them)"
+    )
 
     @field_validator("output")
     @classmethod
