@@ -397,7 +397,6 @@ class _TokenSampler:
     def __init__(self, positions: Tensor | None):
         self.positions = positions
         self.offset = 0
-        self.parts: list[Tensor] = []
 
     def take(self, x: Tensor) -> Tensor:
         """``x`` [..., C] of the current batch → the kept rows [k, C]; advances the offset."""
