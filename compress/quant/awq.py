@@ -43,6 +43,8 @@ from compress.quant.int4 import QuantArgs
 # Floors the reference implementations use to keep scales finite.
 _EPS_W = 1e-4
 _MIN_SCALE = 1e-4
+# Tokens per replayed call of a per-token module in the α search (bounds its intermediates).
+_REPLAY_CHUNK = 1024
 
 
 # ---------------------------------------------------------------------------
@@ -638,7 +640,9 @@ class AWQStage:
             ctx.forward(keep_outputs=False)
 
         for inspect, (xs, ys) in per_token_parts.items():
-            record.calls[inspect] = _Calls([(torch.cat(xs),)], [{}], [torch.cat(ys)])
+            # Replayed in chunks: a module's intermediates (the MLP's are 2-3x its width) stay small.
+            x_chunks, y_chunks = torch.cat(xs).split(_REPLAY_CHUNK), torch.cat(ys).split(_REPLAY_CHUNK)
+            record.calls[inspect] = _Calls([(x,) for x in x_chunks], [{}] * len(x_chunks), list(y_chunks))
         record.x_mean = {name: stat.mean for name, stat in stats.items()}
         record.clip_inputs = {name: torch.cat(parts) for name, parts in clip_parts.items()}
         return record
