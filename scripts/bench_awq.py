@@ -41,6 +41,7 @@ JOBS = {
     "gptq": "our GPTQ (act-order static)",
     "awq-gptq": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static)",
     "awq-gptq-novo": "our AWQ (no clip, no v→o scaling) + our GPTQ (act-order static)",
+    "awq-gptq-mse": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static, per-group range search)",
 }
 
 
@@ -104,7 +105,7 @@ def run_ours(job: str, model, arch, calib, opts) -> dict:
     if "gptq" in job:
         from compress.quant.gptq import GPTQStage
 
-        chain.append(GPTQStage(args, ["lm_head"]))
+        chain.append(GPTQStage(args, ["lm_head"], mse=job.endswith("mse")))
     else:
         from compress.quant.rtn import RTNStage
 
@@ -233,7 +234,7 @@ def ratios(results: dict[str, dict]) -> list[str]:
         )
     if ok("float") and ok("rtn"):
         gap = ppl("rtn") - ppl("float")
-        for job in ("awq-rtn", "awq-rtn-novo", "awq-rtn-noclip", "peer-awq", "gptq", "awq-gptq", "awq-gptq-novo"):
+        for job in [j for j in JOBS if j not in ("float", "rtn")]:
             if ok(job):
                 out.append(f"- {job} keeps {(ppl(job) - ppl('float')) / gap:.1%} of RTN's perplexity increase")
     for on, off in (("awq-rtn", "awq-rtn-novo"), ("awq-gptq", "awq-gptq-novo")):
