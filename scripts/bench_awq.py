@@ -42,6 +42,7 @@ JOBS = {
     "awq-gptq": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static)",
     "awq-gptq-novo": "our AWQ (no clip, no v→o scaling) + our GPTQ (act-order static)",
     "awq-gptq-mse": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static, per-group range search)",
+    "awq-gptq-novo-mse": "our AWQ (no clip, no v→o scaling) + our GPTQ (act-order static, per-group range search)",
 }
 
 
