@@ -587,3 +587,63 @@ def convert(
         order = similarity_order(att, num_groups, cov.double())
         att = att.permute_queries(order)
     return pool(att, num_groups, pooling, cov, rotary), order
+
+
+def noise_amplification(o: Tensor, v: Tensor, cov: Tensor) -> float:
+    """How much independent relative noise on the rank-1 terms of ``O V`` is amplified.
+
+    ``o``: ``[R, d]`` (every o_proj column that reads the value rows, stacked), ``v``: ``[d, D+1]``.
+    Returns ``Σ_r ‖o_r‖² ‖v_r C^½‖² / ‖O V C^½‖²``: 1 when the terms are orthogonal (no
+    cancellation), large when big terms cancel and rounding each of them leaves a big residue.
+    """
+    o, v, cov = o.double(), v.double(), cov.double()
+    terms = (o * o).sum(0) * row_energy(v, cov)
+    prod = o @ v
+    return float(terms.sum() / ((prod @ cov) * prod).sum().clamp_min(1e-300))
+
+
+def balance_values(
+    o: Tensor, v: Tensor, cov: Tensor, ref_energy: Tensor | float | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Exact change of the value basis that makes ``O V`` quantizable (the output is unchanged).
+
+    ``o``: ``[R, d]`` every o_proj column reading the ``d`` value rows ``v`` ``[d, D+1]``; any
+    invertible ``T`` gives ``(O T⁻¹)(T V) = O V``. With ``V C Vᵀ = R Rᵀ`` and the SVD
+    ``O R = U S Qᵀ``, we take ``V' = diag(a) Qᵀ R⁻¹ V`` and ``O' = U S diag(a)⁻¹``:
+
+    - the rank-1 terms ``o'_r v'_rᵀ`` are then orthogonal (columns of ``O'`` orthogonal, rows of
+      ``V'`` C-orthogonal), so rounding each row or column by a relative ε errs by ε relative to
+      ``O V`` (:func:`noise_amplification` is 1): no large terms that cancel;
+    - RTN rounds v_proj row by row, so the row scales ``a`` are free for v_proj; o_proj is rounded
+      per output row over groups of its columns, so ``a_r ∝ s_r`` gives every column of ``O'`` the
+      same norm (no small column lost under a large one of its group);
+    - a global factor makes the mean row energy of ``V'`` equal to ``ref_energy`` (default: ``V``'s
+      own), keeping magnitudes familiar.
+    """
+    o64, v64, cov64 = o.double(), v.double(), cov.double()
+    gram = v64 @ cov64 @ v64.T
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    if float(evals.min()) <= 1e-12 * float(evals.max().clamp_min(1e-300)):
+        return o, v  # rank-deficient value rows: nothing safe to do
+    r = evecs * evals.sqrt()  # V C Vᵀ = R Rᵀ
+    r_inv = (evecs / evals.sqrt()).T
+    u, s, qh = torch.linalg.svd(o64 @ r, full_matrices=False)
+    s = s.clamp_min(1e-12 * float(s.max().clamp_min(1e-300)))
+    v_w = qh @ r_inv @ v64  # C-orthonormal rows
+    target = row_energy(v64, cov64).mean() if ref_energy is None else torch.as_tensor(ref_energy, dtype=torch.float64)
+    a = s * (target / (s * s).mean()).sqrt()  # mean energy of the rows of V' = target
+    return (u * (s / a)).to(o.dtype), (a[:, None] * v_w).to(v.dtype)
+
+
+def balance_pooled(pooled: Pooled, cov: Tensor) -> Pooled:
+    """:func:`balance_values` for every KV group (query heads ``h // (H/N)``); the output is unchanged."""
+    H, D, d = pooled.o.shape
+    N = pooled.v.shape[0]
+    size = H // N
+    v_new, o_new = pooled.v.clone(), pooled.o.clone()
+    for n in range(N):
+        members = slice(n * size, (n + 1) * size)
+        stacked = pooled.o[members].reshape(-1, d)  # [m*D, d]
+        o_b, v_b = balance_values(stacked, pooled.v[n], cov)
+        v_new[n], o_new[members] = v_b, o_b.reshape(size, D, d)
+    return Pooled(pooled.q, pooled.k, v_new, o_new)

@@ -285,3 +285,44 @@ def test_converted_model_runs_in_runtime(tmp_path, tiny_windows, n):
         ours = runtime(tokens, torch.arange(tokens.shape[1]))
         ref = model(tokens).logits
     assert float((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_balance_values_changes_no_output_and_removes_cancellation():
+    """An ill-conditioned value basis (large o columns that cancel) is re-expressed exactly, without cancellation."""
+    cov = random_cov()
+    att = random_attention(heads=4, kv_heads=4, seed=5)
+    pooled = M.pool(att, 2, "fit", cov, ROTARY)
+    # Spoil the basis on purpose: V → T V, O → O T⁻¹ with T nearly singular (product unchanged).
+    g = torch.Generator().manual_seed(7)
+    t = torch.eye(d, dtype=torch.float64)
+    t[1] = t[0] + 1e-3 * torch.randn(d, generator=g, dtype=torch.float64)  # two rows nearly alike
+    spoiled = M.Pooled(pooled.q, pooled.k, t @ pooled.v, pooled.o @ torch.linalg.inv(t))
+    x = torch.randn(9, D, dtype=torch.float64)
+    ref = attention_reference(as_attention(pooled), x)
+    balanced = M.balance_pooled(spoiled, cov)
+    torch.testing.assert_close(attention_reference(as_attention(balanced), x), ref)
+    for n in range(2):
+        def stacked(p: M.Pooled, n: int = n) -> torch.Tensor:
+            return p.o[2 * n : 2 * n + 2].reshape(-1, d)
+
+        assert M.noise_amplification(stacked(spoiled), spoiled.v[n], cov) > 100
+        assert M.noise_amplification(stacked(balanced), balanced.v[n], cov) == pytest.approx(1.0)
+        # Every o column the same norm, and the value rows keep the old mean energy.
+        norms = stacked(balanced).norm(dim=0)
+        torch.testing.assert_close(norms, norms.mean().expand(d))
+        assert float(M.row_energy(balanced.v[n], cov).mean()) == pytest.approx(
+            float(M.row_energy(spoiled.v[n], cov).mean()))
+
+
+def test_balanced_stage_changes_no_logits(tiny_windows):
+    base = make_tiny_model("llama", heads=4, kv_heads=4, layers=2)
+    outs = []
+    for balance in (False, True):
+        model = copy.deepcopy(base)
+        arch = arch_for(model)
+        stage = GQAStage(1, "fit_q", "contiguous", balance_values=balance)
+        stage.prepare(model, arch)
+        stage.finish(model, arch, run_layerwise(model, arch, tiny_windows, [stage], batch_size=3, progress=False))
+        with torch.no_grad():
+            outs.append(model(input_ids=tiny_windows).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
