@@ -78,7 +78,7 @@ class GQAStage:
     name = "gqa"
 
     def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous",
-                 refit_output: bool = True, balance_values: bool = True):
+                 refit_output: bool = True, balance_values: bool = True, value_ridge: float = 0.1):
         if pooling not in M.POOLINGS:
             raise RecipeError(f"gqa: pooling must be one of {', '.join(M.POOLINGS)}")
         if grouping not in M.GROUPINGS:
@@ -91,6 +91,7 @@ class GQAStage:
         # fit kinds: exact change of the value basis so that int4 rounding of v/o_proj is not
         # amplified by cancelling terms (gqa_math.balance_values); mean pooling keeps the model's basis
         self.balance_values = balance_values and pooling != "mean"
+        self.value_ridge = value_ridge  # Tikhonov penalty of the value fit (gqa_math.fit_values)
         self.notes: list[str] = []
         self.orders: dict[int, list[int]] = {}
         self._before: int | None = None
@@ -98,7 +99,8 @@ class GQAStage:
     @classmethod
     def from_recipe(cls, entry) -> GQAStage:
         return cls(entry.num_key_value_heads, entry.pooling, entry.grouping,
-                   getattr(entry, "refit_output", True), getattr(entry, "balance_values", True))
+                   getattr(entry, "refit_output", True), getattr(entry, "balance_values", True),
+                   getattr(entry, "value_ridge", 0.1))
 
     @property
     def needs_calibration(self) -> bool:
@@ -123,7 +125,8 @@ class GQAStage:
         cov, targets = self._collect(ctx) if self.needs_calibration else (None, [])
         att = read_attention(attn, kv_heads, head_dim)
         rotary = self._rotary(ctx, head_dim)
-        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary)
+        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary,
+                                 self.value_ridge)
         if order != list(range(heads)):
             self.orders[ctx.index] = order
         write_attention(attn, pooled, heads)

@@ -326,3 +326,45 @@ def test_balanced_stage_changes_no_logits(tiny_windows):
         with torch.no_grad():
             outs.append(model(input_ids=tiny_windows).logits)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def ill_conditioned_cov(tokens: int = 16, floor: float = 1e-6) -> torch.Tensor:
+    """Fewer tokens than inputs: most directions are seen only through a tiny floor."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, D, generator=g, dtype=torch.float64) * 3
+    return M.second_moment(x) / tokens + floor * torch.eye(D + 1, dtype=torch.float64)
+
+
+def test_value_ridge_bounds_the_product():
+    """With ridge μ, ‖O'_h V'‖_F ≤ ‖O_h V_h C_μ^½‖_F / √μ̄ (fit_values' docstring), however ill-conditioned C is."""
+    ridge = 0.1
+    for tokens in (8, 16, 40):
+        cov = ill_conditioned_cov(tokens)
+        att = random_attention(heads=4, kv_heads=4, seed=tokens)
+        v, o = M.fit_values(att.o, [0, 1, 2, 3], att.v, cov, ridge=ridge)
+        cov_mu = M.ridge_cov(cov, ridge)
+        mu = float(cov_mu.diagonal().mean() - cov.diagonal().mean())
+        assert mu == pytest.approx(ridge * float(cov.diagonal().mean()))
+        evals, evecs = torch.linalg.eigh(cov_mu)
+        half = (evecs * evals.sqrt()) @ evecs.T
+        for h in range(4):
+            bound = float((att.o[h] @ att.v[h] @ half).norm()) / mu**0.5
+            assert float((o[h] @ v).norm()) <= bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("ridge", [0.1, 1.0])
+def test_ridge_fit_guarantee_against_mean(ridge):
+    """f_μ(fit) ≤ f_μ(mean); on the plain objective f(fit) ≤ f(mean) + μ̄ Σ_h ‖O_h (V̄ − V_h)‖²_F."""
+    att = random_attention(heads=4, kv_heads=4, seed=2)
+
+    def objective(c, v_new, o_new):
+        return sum(float(M.value_objective(att.o[h], att.v[h], o_new[h], v_new, c)) for h in range(4))
+
+    for cov in (random_cov(), ill_conditioned_cov()):
+        cov_mu = M.ridge_cov(cov, ridge)
+        mu = float(cov_mu.diagonal().mean() - cov.diagonal().mean())
+        mean_v = att.v.mean(0)
+        fit_v, fit_o = M.fit_values(att.o, [0, 1, 2, 3], att.v, cov, ridge=ridge)
+        assert objective(cov_mu, fit_v, fit_o) <= objective(cov_mu, mean_v, att.o) * (1 + 1e-9)
+        slack = mu * sum(float((att.o[h] @ (mean_v - att.v[h])).pow(2).sum()) for h in range(4))
+        assert objective(cov, fit_v, fit_o) <= objective(cov, mean_v, att.o) + slack * (1 + 1e-9)
