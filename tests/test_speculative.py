@@ -520,3 +520,48 @@ def test_pack_for_verification_swaps_float_linears_once():
                if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
     int4_model, _ = from_transformers(hf, records, backend="reference")
     assert pack_for_verification(int4_model, 5) == 1  # only the float head
+
+
+# --------------------------------------------------------------------------- compress generate --draft
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random float model folder with the embedded model's tokenizer (its vocabulary size)."""
+    import shutil
+
+    from compress import assets
+
+    tokenizer_dir = assets.cache_dir() / assets.EMBEDDED_MODEL.name / "hf"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        pytest.skip("the embedded model's tokenizer is not in the cache")
+    folder = tmp_path_factory.mktemp("tiny-ckpt")
+    make_tiny_model(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, vocab=49152).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "self"])
+def test_cli_generate_speculate_adaptive(tiny_checkpoint, capsys, draft):
+    from compress.cli import main
+
+    spec = str(tiny_checkpoint) if draft == "self" else draft
+    code = main(["generate", str(tiny_checkpoint), "--prompt", "one two three one two three one two",
+                 "--max-new-tokens", "12", "--device", "cpu", "--draft", spec, "--speculate-k", "2",
+                 "--speculate-adaptive"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "k=2 adaptive" in err and "output identical to plain greedy" in err
+    if draft == "self":  # the model as its own draft agrees on every token
+        assert "acceptance 100.0%" in err
+
+
+def test_cli_generate_rejects_bad_speculate_k(tiny_checkpoint, capsys):
+    from compress.cli import main
+
+    code = main(["generate", str(tiny_checkpoint), "--prompt", "hi", "--device", "cpu", "--draft", "prompt-lookup",
+                 "--speculate-k", "0"])
+    assert code == 2
+    assert "--speculate-k must be >= 1" in capsys.readouterr().err
