@@ -390,6 +390,102 @@ class _StopLayer(Exception):
     pass
 
 
+def _first_output(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _input_of(module: nn.Module, call) -> Tensor:
+    """Run ``call()`` up to the moment ``module`` is called; return that call's input."""
+    seen: list[Tensor] = []
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _StopLayer
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        call()
+    except _StopLayer:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise GPTQError(f"the forward never reached {type(module).__name__}")
+    return seen[0]
+
+
+def _llama_names(ctx: LayerContext) -> dict[str, str] | None:
+    """Sub-module names of a pre-norm attention + gated-MLP layer, or None if it is not one."""
+    a = ctx.arch
+    seq = a.sequential
+    if len(seq) != 4 or set(seq[0]) != {a.q_proj, a.k_proj, a.v_proj} or seq[1] != (a.o_proj,) or len(seq[3]) != 1:
+        return None
+    if not all(n.startswith(a.mlp + ".") for n in (*seq[2], *seq[3])):
+        return None
+    names = {
+        "input_norm": a.input_norm,
+        "attention": a.attention,
+        "o_proj": a.o_proj,
+        "post_norm": a.post_attention_norm,
+        "mlp": a.mlp,
+        "down": seq[3][0],
+    }
+    try:
+        for n in names.values():
+            ctx.submodule(n)
+    except AttributeError:
+        return None
+    return names
+
+
+class _LlamaWalk:
+    """The forward of a Llama-family decoder layer, cut where GPTQ needs to act:
+
+        x1 = input_norm(h)                     -> q/k/v        (their input)
+        a  = attention(x1) up to o_proj        -> o_proj
+        h1 = h + o_proj(a);  x2 = post_norm(h1) -> gate/up
+        m  = mlp(x2) up to down_proj           -> down_proj
+        out = h1 + down_proj(m)
+
+    Each piece calls the layer's own sub-modules in the layer's order, so the result is the
+    layer's forward (bit for bit on CPU; checked at run time by the stage). ``step(names,
+    inputs)`` is called at each cut with every batch's input, before the walk goes on, so it
+    can quantize those linears and the rest of the walk sees them quantized.
+    """
+
+    def __init__(self, ctx: LayerContext, hidden: list[Tensor], kwargs: list[dict]):
+        names = _llama_names(ctx)
+        if names is None:
+            raise GPTQError(f"{ctx.name} is not a Llama-family layer")
+        self.m = {k: ctx.submodule(v) for k, v in names.items()}
+        self.seq = ctx.arch.sequential
+        self.hidden, self.kwargs = hidden, kwargs
+
+    def run(self, step) -> list[Tensor]:
+        m, seq = self.m, self.seq
+        xs = [m["input_norm"](h) for h in self.hidden]
+        step(seq[0], xs)
+        attn = m["attention"]
+        for i, kw in enumerate(self.kwargs):
+            x = xs[i]
+            xs[i] = _input_of(m["o_proj"], lambda x=x, kw=kw: attn(hidden_states=x, **kw))
+        step(seq[1], xs)
+        # residual + attention output, as the layer adds them.
+        residual = [h + m["o_proj"](a) for h, a in zip(self.hidden, xs, strict=True)]
+        xs = [m["post_norm"](r) for r in residual]
+        step(seq[2], xs)
+        mlp = m["mlp"]
+        for i in range(len(xs)):
+            x = xs[i]
+            xs[i] = _input_of(m["down"], lambda x=x: mlp(x))
+        step(seq[3], xs)
+        out = []
+        for i in range(len(xs)):
+            out.append(residual[i] + m["down"](xs[i]))
+            xs[i] = residual[i] = None  # free as we go: the outputs replace them
+        return out
+
+
 class GPTQStage(QuantizingStage):
     name = "gptq"
     needs_calibration = True
@@ -410,6 +506,9 @@ class GPTQStage(QuantizingStage):
         self.act_order = act_order
         self.mse = MSEGrid() if mse else None
         self.true_sequential = true_sequential
+        # One-pass true-sequential for Llama-family layers; False forces the re-running method.
+        self.stepwise = True
+        self._stepwise_ok: dict[type, bool] = {}
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
 
@@ -426,6 +525,9 @@ class GPTQStage(QuantizingStage):
         )
 
     def apply_layer(self, ctx: LayerContext) -> None:
+        if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
+            self._apply_layer_stepwise(ctx)
+            return
         steps = ctx.arch.sequential if self.true_sequential else (ctx.arch.linears,)
         for names in steps:
             targets = list(self.targets(ctx, names))
@@ -440,6 +542,52 @@ class GPTQStage(QuantizingStage):
                 shared.setdefault(id(hessians[short]), []).append((short, module))
             for members in shared.values():
                 self.quantize_linears(ctx.name, members, hessians[members[0][0]])
+
+    # -- true-sequential in one pass (Llama-family layers) ------------------------------
+
+    def _stepwise_fits(self, ctx: LayerContext) -> bool:
+        """Whether the layer is a pre-norm Llama-family block the one-pass walk reproduces.
+
+        Checked once per layer class: the walk (without quantizing) must give the layer's own
+        output on the first batch; otherwise the re-running method is used, with a note.
+        """
+        key = type(ctx.layer)
+        if key not in self._stepwise_ok:
+            self._stepwise_ok[key] = _llama_names(ctx) is not None and self._walk_matches_forward(ctx)
+            if not self._stepwise_ok[key]:
+                message = f"{key.__name__}: true-sequential re-runs the layer (step-by-step walk not applicable)"
+                self.notes.append(message)
+                log.info(message)
+        return self._stepwise_ok[key]
+
+    @torch.no_grad()
+    def _walk_matches_forward(self, ctx: LayerContext) -> bool:
+        hidden, kwargs = ctx.inputs.hidden[0], ctx.inputs.kwargs[0]
+        try:
+            walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
+        except Exception as e:  # any mismatch in structure means: use the general method
+            log.info("step-by-step walk failed on %s: %s", type(ctx.layer).__name__, e)
+            return False
+        expected = _first_output(ctx.layer(hidden, **kwargs))
+        return walked.shape == expected.shape and torch.allclose(walked, expected, rtol=1e-5, atol=1e-6)
+
+    @torch.no_grad()
+    def _apply_layer_stepwise(self, ctx: LayerContext) -> None:
+        """True-sequential at the cost of one layer forward: the layer is walked sub-block by
+        sub-block, each sub-block's input kept, so every group of linears is quantized before
+        the forward reaches it and no part of the layer runs twice. The walk's end result is
+        the quantized layer's output, handed to the engine (which then skips its forward)."""
+
+        def quantize_step(names: tuple[str, ...], xs: list[Tensor]) -> None:
+            targets = list(self.targets(ctx, names))
+            if not targets:
+                return
+            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
+            for x in xs:
+                acc.add(x)
+            self.quantize_linears(ctx.name, targets, acc.hessian())
+
+        ctx.outputs = _LlamaWalk(ctx, ctx.inputs.hidden, ctx.inputs.kwargs).run(quantize_step)
 
     def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
         weights = [module.weight.data for _, module in members]
