@@ -181,6 +181,21 @@ def test_stacked_rows_equal_separate_runs(act_order):
         assert torch.equal(part.group_index(), alone.group_index())
 
 
+@pytest.mark.parametrize("features", [64, 300, 576])
+def test_hessian_accumulator_is_the_full_product_in_batches(features):
+    from compress.quant.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(features)
+    batches = [torch.randn(2, 37, features, generator=g) * torch.rand(features, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(features, torch.device("cpu"))
+    for x in batches:
+        acc.add(x)
+    got = acc.hessian()
+    x = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    torch.testing.assert_close(got.double(), 2.0 / x.shape[0] * (x.T @ x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, got.T)
+
+
 def test_act_order_g_idx_groups_follow_processing_order():
     w, x = correlated_problem(seed=4)
     h = hessian_from_inputs(x)

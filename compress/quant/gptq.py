@@ -238,7 +238,7 @@ def _run_gptq(
     if dead.any():
         notes.append(f"{int(dead.sum())} dead input column(s) (never active in calibration): weights set to 0")
 
-    codes = torch.zeros(out_features, columns, dtype=torch.float32, device=w.device)
+    codes = torch.empty(out_features, columns, dtype=torch.float32, device=w.device)
     losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
     _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
 
@@ -283,58 +283,65 @@ def _blocked_updates(
     mse: MSEGrid | None,
     block_size: int,
 ) -> None:
-    """The GPTQ sweep over the (permuted) columns of ``w``, in place; fills codes and losses.
+    """The GPTQ sweep over the (permuted) columns of ``w``; fills codes and losses.
 
     With ``fixed_params`` False, a group's scale and zero are computed when its first
     column is reached, from the weights as updated so far.
+
+    Works on Wᵀ: column j of W is then the contiguous row j, so each step's reads, writes
+    and the rank-1 update of the block's remaining columns run on contiguous memory (about
+    3x faster than on strided columns), and each column's codes and error are written in
+    place instead of copied.
     """
     columns = w.shape[1]
     maxq = args.maxq
+    wt = w.T.contiguous()
+    codes_t = torch.empty(columns, w.shape[0], dtype=torch.float32, device=w.device)
     # Per-group parameters as contiguous rows, looked up once per column.
     scales_t = scales.T.contiguous()
     zeros_t = zeros.T.float().contiguous()
+    dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2]  # a view: the in-block updates land in wt
         err1 = torch.zeros_like(w1)
-        codes1 = torch.zeros(w.shape[0], i2 - i1, dtype=torch.float32, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1).tolist()
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
             if not fixed_params and j % width == 0:
-                current = _current_group(w, w1, err1, hinv, i1, i2, j, min(j + width, columns))
-                s, z = group_qparams(current, args, mse)
+                current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
+                s, z = group_qparams(current.T, args, mse)
                 scales_t[g], zeros_t[g] = s, z.float()
             s, z = scales_t[g], zeros_t[g]
-            col = w1[:, i]
+            col = w1[i]
             # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
-            c = torch.div(col.float(), s).round_().add_(z).clamp_(0, maxq)
-            codes1[:, i] = c
-            err = (col - c.sub_(z).mul_(s).to(col.dtype)).div_(diag[i])
-            err1[:, i] = err
+            c = torch.div(col.float(), s, out=codes_t[j]).round_().add_(z).clamp_(0, maxq)
+            q = torch.sub(c, z, out=dequantized).mul_(s)
+            err = torch.sub(col, q, out=err1[i]).div_(diag[i])
             # Rank-1 update of the rest of the block (column i itself is done).
-            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)
-        codes[:, i1:i2] = codes1
-        losses += (err1 * err1).sum(dim=1).float() / 2
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+        losses += (err1 * err1).sum(dim=0).float() / 2
+        wt[i2:] -= hinv[i1:i2, i2:].T @ err1
+    codes.copy_(codes_t.T)
     scales.copy_(scales_t.T)
     zeros.copy_(zeros_t.T.to(torch.int32))
 
 
-def _current_group(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
-    """Weights of processed columns [start, end) with every update so far applied.
+def _current_group(wt: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
+    """Weights of processed columns [start, end) with every update so far applied, as rows.
 
-    Inside the block they are in ``w1``; past the block, ``w`` still lacks the updates of
-    the block's columns already quantized (applied lazily at the block's end).
+    Inside the block they are up to date in ``wt``; past the block, ``wt`` still lacks the
+    updates of the block's columns already quantized (applied lazily at the block's end).
     """
-    inside = w1[:, start - i1 : min(end, i2) - i1]
+    inside = wt[start : min(end, i2)]
     if end <= i2:
         return inside
     done = start - i1
-    beyond = w[:, i2:end] - err1[:, :done] @ hinv[i1:start, i2:end]
-    return torch.cat([inside, beyond], dim=1)
+    beyond = wt[i2:end] - hinv[i1:start, i2:end].T @ err1[:done]
+    return torch.cat([inside, beyond], dim=0)
 
 
 def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
@@ -369,7 +376,16 @@ def hessian_from_inputs(x: Tensor) -> Tensor:
 
 
 class HessianAccumulator:
-    """Running Σ x xᵀ (float32) and token count for one input; :meth:`hessian` gives 2/n·Σ."""
+    """Running Σ x xᵀ (float32) and token count for one input; :meth:`hessian` gives 2/n·Σ.
+
+    Only the blocks on and above the diagonal are accumulated (rows in bands of
+    ``band`` features, each against the columns from its own on): the product is
+    symmetric, so this saves up to half the work (a third at 1536 features, where a
+    layer's Hessians cost about as much as its forward), and the mirrored result is
+    exactly symmetric.
+    """
+
+    band = 256
 
     def __init__(self, features: int, device: torch.device):
         self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
@@ -377,13 +393,17 @@ class HessianAccumulator:
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.T, x)
+        features = x.shape[1]
+        for i in range(0, features, self.band):
+            rows = slice(i, min(i + self.band, features))
+            self.sum[rows, i:].addmm_(x[:, rows].T, x[:, i:])
         self.tokens += x.shape[0]
 
     def hessian(self) -> Tensor:
         if self.tokens == 0:
             raise GPTQError("no calibration tokens reached this linear")
-        return self.sum * (2.0 / self.tokens)
+        upper = torch.triu(self.sum)
+        return (upper + torch.triu(self.sum, diagonal=1).T).mul_(2.0 / self.tokens)
 
 
 class _StopLayer(Exception):
