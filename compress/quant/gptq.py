@@ -29,7 +29,10 @@ collects Hessians on the layer-by-layer engine.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -112,9 +115,9 @@ def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != w.shape[1]:
         raise GPTQError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    h = h.to(dtype).clone()
     if not torch.isfinite(h).all():
         raise GPTQError("the Hessian has non-finite entries (inf or NaN calibration activations)")
+    h = h.to(dtype, copy=True)
     w = w.to(dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -132,15 +135,21 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
     if not mean_diag > 0:
         mean_diag = 1.0
     fraction = damp_fraction
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # n x n float buffers are the stage's largest transients (down_proj: 1536²): keep two live.
+    damped = torch.empty_like(h)
     for attempt in range(12):
         damp = fraction * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        damped.copy_(h).diagonal().add_(damp)
+        chol, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
+            del damped
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0 and torch.isfinite(upper).all() and (torch.diag(upper) > 0).all():
                 return upper, damp, fraction, attempt
+            damped = torch.empty_like(h)
         fraction *= 10.0
     raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
@@ -221,7 +230,7 @@ def _run_gptq(
     perm = act_order_permutation(h) if act_order != "none" else None
     if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h[perm[:, None], perm]
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
         original = perm if perm is not None else torch.arange(columns, device=w.device)
@@ -230,6 +239,7 @@ def _run_gptq(
         group_of = [j // width for j in range(columns)]
 
     hinv, damp, fraction, retries = inverse_cholesky(h, damp_percent)
+    del h
     if retries:
         notes.append(
             f"dampening raised from {damp_percent:g} to {fraction:g} of the mean Hessian diagonal "
@@ -388,7 +398,7 @@ class HessianAccumulator:
     band = 256
 
     def __init__(self, features: int, device: torch.device):
-        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.sum: Tensor | None = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
@@ -400,14 +410,44 @@ class HessianAccumulator:
         self.tokens += x.shape[0]
 
     def hessian(self) -> Tensor:
+        """2/n·Σ x xᵀ; built in the accumulator's own buffer, which it hands over (call once)."""
         if self.tokens == 0:
             raise GPTQError("no calibration tokens reached this linear")
-        upper = torch.triu(self.sum)
-        return (upper + torch.triu(self.sum, diagonal=1).T).mul_(2.0 / self.tokens)
+        if self.sum is None:
+            raise GPTQError("hessian() already taken from this accumulator")
+        h, self.sum = self.sum, None
+        h.triu_()
+        return h.add_(h.triu(diagonal=1).T).mul_(2.0 / self.tokens)
 
 
 class _StopLayer(Exception):
     pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_eager_release_set = False
+
+
+def release_freed_memory_eagerly(threshold: int = 1 << 20) -> None:
+    """Have glibc serve blocks from ``threshold`` bytes up by mmap, so that freeing one
+    returns it to the OS at once (Linux/glibc only; elsewhere nothing happens).
+
+    A layer's activations and n x n buffers are several MB each. Under glibc's default
+    (a threshold that adapts up to 32 MiB) they come from the heap, whose freed space stays
+    resident and fragmented: over a 30-layer run that added ~130 MB to the peak RSS of the
+    embedded model. With this, RSS follows the memory really in use (no measurable slowdown).
+    """
+    global _eager_release_set
+    if _eager_release_set or not sys.platform.startswith("linux"):
+        return
+    _eager_release_set = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    except OSError:  # not glibc: leave the allocator alone
+        pass
 
 
 def _first_output(output) -> Tensor:
@@ -545,6 +585,7 @@ class GPTQStage(QuantizingStage):
         )
 
     def apply_layer(self, ctx: LayerContext) -> None:
+        release_freed_memory_eagerly()
         if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
             self._apply_layer_stepwise(ctx)
             return
