@@ -368,3 +368,32 @@ def test_ridge_fit_guarantee_against_mean(ridge):
         assert objective(cov_mu, fit_v, fit_o) <= objective(cov_mu, mean_v, att.o) * (1 + 1e-9)
         slack = mu * sum(float((att.o[h] @ (mean_v - att.v[h])).pow(2).sum()) for h in range(4))
         assert objective(cov, fit_v, fit_o) <= objective(cov, mean_v, att.o) + slack * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_gqa_then_int4_on_every_linear_exports_and_loads(tmp_path, tiny_windows, fmt):
+    """fit_q + balanced values, then RTN on every linear (v/o_proj too): export, runtime and transformers agree."""
+    from compress import export, models
+    from compress.quant.int4 import QuantArgs
+    from compress.quant.rtn import RTNStage
+    from compress.runtime.loader import load_folder
+    from tests.test_export import tiny_tokenizer
+
+    model = make_tiny_model("llama", heads=4, kv_heads=4)
+    arch = arch_for(model)
+    gqa, rtn = GQAStage(1, "fit_q", "contiguous"), RTNStage(QuantArgs(4, 32, True), ["lm_head"])
+    gqa.prepare(model, arch)
+    gqa.finish(model, arch, run_layerwise(model, arch, tiny_windows, [gqa, rtn], batch_size=3, progress=False))
+    assert any(name.endswith("self_attn.v_proj") for name in rtn.quantized)
+    assert any(name.endswith("self_attn.o_proj") for name in rtn.quantized)
+    export.export_checkpoint(tmp_path / "c", model, tiny_tokenizer(), rtn.quantized, fmt)
+    tokens = tiny_windows[:2, :24]
+    with torch.no_grad():
+        ref = model(tokens).logits
+        loaded = models.load(tmp_path / "c").model
+        torch.testing.assert_close(loaded(tokens).logits, ref)
+    runtime, _ = load_folder(tmp_path / "c", backend="reference", dtype=torch.float32)
+    runtime.setup_caches(tokens.shape[0], tokens.shape[1])
+    with torch.inference_mode():
+        ours = runtime(tokens, torch.arange(tokens.shape[1]))
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4
