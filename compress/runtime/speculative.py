@@ -435,7 +435,7 @@ def _model_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
 def pack_for_verification(model: nn.Module, rows: int) -> int:
     """Swap the float linears of a CPU runtime model for ``PackedLinear`` packed for ``rows`` rows.
 
-    In place and idempotent; int4 linears are left alone (their kernel packs once already). Returns
+    In place and idempotent; float32 linears only (int4 and 16-bit ones are left alone). Returns
     how many linears were (re)packed. No-op on CUDA or without oneDNN.
     """
     device = getattr(model, "device", torch.device("cpu"))
@@ -446,9 +446,10 @@ def pack_for_verification(model: nn.Module, rows: int) -> int:
         module = getattr(holder, name)
         if isinstance(module, PackedLinear) and module.rows == rows:
             continue
-        if not isinstance(module, (nn.Linear, PackedLinear)) or module.weight.dtype not in (torch.float32,
-                                                                                         torch.bfloat16):
-            continue  # int4 linears (their kernel packs once already), or fused parts
+        if not isinstance(module, (nn.Linear, PackedLinear)) or module.weight.dtype != torch.float32:
+            # int4 linears (their kernel packs once already); 16-bit ones, whose one-row path the
+            # runtime routes around oneDNN (a packed module would not keep that path bit for bit).
+            continue
         setattr(holder, name, PackedLinear(module, rows))
         count += 1
     if count and hasattr(model, "_plan"):
