@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.runtime.generate import Runtime, load
 from compress.runtime.sampling import SamplingParams
-from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate_runtime
+from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate_runtime, kv_compatible
 
 CLOCK = time.perf_counter
 
@@ -132,6 +132,9 @@ def main() -> int:
     p.add_argument("--lookup-k", type=int, default=8, help="draft tokens per pass for prompt lookup")
     p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram prompt lookup matches")
     p.add_argument("--adaptive", action="store_true", help="also run each model draft with adaptive k")
+    p.add_argument("--draft-kv", choices=["target", "own", "both"], default="target",
+                   help="a self-draft takes the target's keys and values (no draft prefill), computes its own, "
+                   "or both rows")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=2, help="prompts of each kind (open-ended, grounded)")
     p.add_argument("--device", default="cpu")
@@ -188,10 +191,16 @@ def main() -> int:
     methods = {"runtime plain": run_plain}
     for d, drt in drafts.items():
         label = f"`{Path(d).name}` ({drt.info.quant_format})"
-        methods[f"runtime + draft {label}, k={args.k}"] = run_spec(ModelDraft(drt.model, device), drt, args.k)
-        if args.adaptive:
-            methods[f"runtime + draft {label}, adaptive k from {args.k}"] = run_spec(
-                ModelDraft(drt.model, device), drt, args.k, adaptive=True)
+        shared = kv_compatible(target.model, drt.model)
+        kv_modes = {"target": [shared], "own": [False], "both": [False, True] if shared else [False]}[args.draft_kv]
+        for share in kv_modes:
+            def make(share=share, drt=drt):
+                return ModelDraft(drt.model, device, kv_source=target.model if share else None)
+            tag = ", target's KV" if share else ""
+            methods[f"runtime + draft {label}{tag}, k={args.k}"] = run_spec(make(), drt, args.k)
+            if args.adaptive:
+                methods[f"runtime + draft {label}{tag}, adaptive k from {args.k}"] = run_spec(
+                    make(), drt, args.k, adaptive=True)
     lookup = PromptLookupDraft(max_ngram=args.lookup_ngram)
     methods[f"runtime + prompt lookup, k={args.lookup_k}"] = run_spec(lookup, None, args.lookup_k)
     if hf is not None:
