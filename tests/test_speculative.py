@@ -578,8 +578,8 @@ def test_cli_generate_speculate_adaptive(tiny_checkpoint, capsys, draft):
     err = capsys.readouterr().err
     assert code == 0
     assert "k=2 adaptive" in err and "output identical to plain greedy" in err
-    if draft == "self":  # the model as its own draft agrees on every token
-        assert "acceptance 100.0%" in err
+    if draft == "self":  # the model as its own draft agrees on every token, and takes its keys and values
+        assert "acceptance 100.0%" in err and "target KV" in err
 
 
 def test_cli_generate_rejects_bad_speculate_k(tiny_checkpoint, capsys):
