@@ -439,7 +439,8 @@ def _bf16_linear_cpu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     takes about twice as long as ATen's for the (memory-bound) output layer; both accumulate in float32.
 
     The switch is process-wide for the duration of the call: another thread's bfloat16 matmul at
-    that moment may also run without oneDNN (same results, another kernel).
+    that moment may also run without oneDNN, and two threads in here at once can leave it off
+    (slower many-row bfloat16 matmuls afterwards, same results).
     """
     if x.shape[0] > 2 or _set_mkldnn is None:
         return F.linear(x, weight, bias)
