@@ -101,6 +101,10 @@ class AWQStage(Strict):
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     gqa_aware_vo: bool = Field(True, description="also scale v→o when KV heads are grouped")
+    search_tokens: int = Field(
+        4096, ge=0, description="calibration tokens the α search's loss runs on (0: all; statistics use all)"
+    )
+    clip_tokens: int = Field(2048, ge=0, description="calibration tokens the clip search runs on (0: all)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
 
@@ -112,6 +116,12 @@ class GQAStage(Strict):
     )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
     refit_output: bool = Field(True, description="fit kinds: refit o_proj by least squares on layer activations")
+    balance_values: bool = Field(
+        True, description="fit kinds: exact v/o basis change so that int4 rounding of v_proj/o_proj is not amplified"
+    )
+    value_ridge: float = Field(
+        0.1, ge=0, description="fit kinds: Tikhonov penalty of the value fit, relative to the mean input energy"
+    )
 
 
 class DropLayersStage(Strict):

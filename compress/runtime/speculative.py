@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from compress.runtime.sampling import SamplingParams, logits_to_probs
 
@@ -365,6 +366,93 @@ class _NoDraft:
         pass
 
 
+# --------------------------------------------------------------------------- a verify pass at one step's cost
+
+# Rows up to which a packed linear runs: a verification pass has k + 1 <= 17 rows; longer inputs
+# (a prefill) keep F.linear.
+PACKED_MAX_ROWS = 16
+
+
+def packed_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (CPU builds with MKL-DNN)."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """A float linear that also holds its weight in oneDNN's blocked layout, for passes of a few rows.
+
+    On CPU, ATen's float32 matmul repacks the weight on every call: 2 to 9 rows cost about twice a
+    one-row step, so verifying k draft tokens cost two decode steps. Packed once, k + 1 rows cost
+    about one step (the weights are read once either way). One row (plain decoding) and long inputs
+    (a prefill) keep ``F.linear``: those passes compute exactly what the unpacked model computes.
+    ``weight`` and ``bias`` are the original tensors (shared, e.g. a head tied to the embedding).
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rows = rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 1 or x2.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, "none", [], "")
+        return y.view(*shape[:-1], self.out_features)
+
+    def as_function(self, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """The forward of 2-D inputs as a closure (the runtime's streamlined forward takes these)."""
+        weight, bias, packed, linear, pointwise = self.weight, self.bias, self.packed, F.linear, \
+            torch.ops.mkldnn._linear_pointwise
+
+        def fn(x: Tensor) -> Tensor:
+            rows = x.shape[0]
+            if rows == 1 or rows > PACKED_MAX_ROWS:
+                return linear(x, weight, bias)
+            return pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+        return fn
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, packed for {self.rows} rows"
+
+
+def _model_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(holder, attribute) of every linear of a runtime Transformer: per layer q/k/v, o, gate/up, down; the head."""
+    slots = []
+    for layer in model.layers:
+        slots += [(layer.attention, "wqkv"), (layer.attention, "wo"),
+                  (layer.feed_forward, "w13"), (layer.feed_forward, "w2")]
+    return [*slots, (model, "output")]
+
+
+def pack_for_verification(model: nn.Module, rows: int) -> int:
+    """Swap the float linears of a CPU runtime model for ``PackedLinear`` packed for ``rows`` rows.
+
+    In place and idempotent; int4 linears are left alone (their kernel packs once already). Returns
+    how many linears were (re)packed. No-op on CUDA or without oneDNN.
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    if torch.device(device).type != "cpu" or not packed_linear_available():
+        return 0
+    count = 0
+    for holder, name in _model_linears(model):
+        module = getattr(holder, name)
+        if isinstance(module, PackedLinear) and module.rows == rows:
+            continue
+        if not isinstance(module, (nn.Linear, PackedLinear)) or module.weight.dtype not in (torch.float32,
+                                                                                         torch.bfloat16):
+            continue  # int4 linears (their kernel packs once already), or fused parts
+        setattr(holder, name, PackedLinear(module, rows))
+        count += 1
+    if count and hasattr(model, "_plan"):
+        model._plan = None  # the runtime's streamlined forward rebuilds its closures from the new modules
+    return count
+
+
 # --------------------------------------------------------------------------- runtime glue and CLI
 
 PROMPT_LOOKUP = ("prompt-lookup", "lookup")
@@ -431,9 +519,12 @@ def generate_runtime(
     k_max = 2 * k if adaptive else k
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     length = cache_length(len(prompt_ids), max_new_tokens, k_max, context)
+    # A verify pass feeds up to k_max + 1 tokens; a model draft's catch-up feed up to 2.
+    pack_for_verification(target.model, k_max + 1)
     target.model.setup_caches(1, length)
     target.model.slice_kv = True
     if draft_rt is not None:
+        pack_for_verification(draft_rt.model, 2)
         draft_rt.model.setup_caches(1, length)
         draft_rt.model.slice_kv = True
     generator = torch.Generator().manual_seed(seed)
