@@ -230,7 +230,7 @@ def _run_gptq(
     perm = act_order_permutation(h) if act_order != "none" else None
     if perm is not None:
         w = w[:, perm]
-        h = h[perm[:, None], perm]
+        h = h.index_select(0, perm).index_select(1, perm)
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
         original = perm if perm is not None else torch.arange(columns, device=w.device)
@@ -311,28 +311,31 @@ def _blocked_updates(
     scales_t = scales.T.contiguous()
     zeros_t = zeros.T.float().contiguous()
     dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    code_rows, scale_rows, zero_rows = codes_t.unbind(0), scales_t.unbind(0), zeros_t.unbind(0)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         w1 = wt[i1:i2]  # a view: the in-block updates land in wt
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1).tolist()
+        # Row views made once per block: indexing a tensor costs more than the small ops here.
+        w_rows, err_rows, h_rows = w1.unbind(0), err1.unbind(0), hinv1.unbind(0)
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
             if not fixed_params and j % width == 0:
                 current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
                 s, z = group_qparams(current.T, args, mse)
-                scales_t[g], zeros_t[g] = s, z.float()
-            s, z = scales_t[g], zeros_t[g]
-            col = w1[i]
+                scales_t[g], zeros_t[g] = s, z.float()  # in place: the row views see it
+            s, z = scale_rows[g], zero_rows[g]
+            col = w_rows[i]
             # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
-            c = torch.div(col.float(), s, out=codes_t[j]).round_().add_(z).clamp_(0, maxq)
+            c = torch.div(col.float(), s, out=code_rows[j]).round_().add_(z).clamp_(0, maxq)
             q = torch.sub(c, z, out=dequantized).mul_(s)
-            err = torch.sub(col, q, out=err1[i]).div_(diag[i])
+            err = torch.sub(col, q, out=err_rows[i]).div_(diag[i])
             # Rank-1 update of the rest of the block (column i itself is done).
             if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+                w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
         losses += (err1 * err1).sum(dim=0).float() / 2
         wt[i2:] -= hinv[i1:i2, i2:].T @ err1
     codes.copy_(codes_t.T)
@@ -452,6 +455,17 @@ def release_freed_memory_eagerly(threshold: int = 1 << 20) -> None:
 
 def _first_output(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _first_of_batch(obj, batch: int):
+    """``obj`` (layer arguments) with every tensor of ≥ 2 dims and ``batch`` rows cut to its first."""
+    if isinstance(obj, Tensor):
+        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_of_batch(o, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first_of_batch(v, batch) for k, v in obj.items()}
+    return obj
 
 
 def _input_of(module: nn.Module, call) -> Tensor:
@@ -623,7 +637,10 @@ class GPTQStage(QuantizingStage):
 
     @torch.no_grad()
     def _walk_matches_forward(self, ctx: LayerContext) -> bool:
+        # The first window is enough to tell; its batch's other arguments cut to match.
         hidden, kwargs = ctx.inputs.hidden[0], ctx.inputs.kwargs[0]
+        if hidden.shape[0] > 1:
+            hidden, kwargs = hidden[:1], _first_of_batch(kwargs, hidden.shape[0])
         try:
             walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
         except Exception as e:  # any mismatch in structure means: use the general method
