@@ -377,6 +377,43 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     return out
 
 
+class PackedCodesWeight(QuantizedWeight):
+    """A :class:`QuantizedWeight` keeping 4-bit codes two to a byte.
+
+    A run holds every linear's record until export: as uint8 codes that is a byte per
+    weight (106 MB on the embedded model, a fifth of the float32 model), half of it waste.
+    ``codes`` unpacks on access (read-only: a write to the unpacked tensor is not kept), so
+    to every consumer this is a QuantizedWeight.
+    """
+
+    @property
+    def codes(self) -> Tensor:
+        packed = self._packed_codes
+        both = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+        return both[:, : self._columns]
+
+    @codes.setter
+    def codes(self, value: Tensor) -> None:
+        if value.dtype != torch.uint8 or value.dim() != 2 or (value.numel() and int(value.max()) > 15):
+            raise GPTQError("packed codes need a 2-D uint8 tensor of 4-bit values")
+        self._columns = value.shape[1]
+        if value.shape[1] % 2:
+            value = torch.nn.functional.pad(value, (0, 1))
+        pairs = value.reshape(value.shape[0], -1, 2)
+        self._packed_codes = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._packed_codes.shape[0], self._columns)
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> QuantizedWeight:
+        """``qw`` with packed codes when it has 4 bits; otherwise ``qw`` itself."""
+        if qw.bits != 4 or isinstance(qw, cls):
+            return qw
+        return cls(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.symmetric, qw.g_idx)
+
+
 def hessian_from_inputs(x: Tensor) -> Tensor:
     """H = 2/n · Σ x xᵀ over the n rows of ``x`` [..., in], in float32."""
     x = x.reshape(-1, x.shape[-1]).float()
@@ -686,7 +723,7 @@ class GPTQStage(QuantizingStage):
         self.losses[label] = result.loss
         parts = split_rows(result.qweight, [w.shape[0] for w in weights])
         for (short, module), qw in zip(members, parts, strict=True):
-            self.record(f"{prefix}.{short}", module, qw)
+            self.record(f"{prefix}.{short}", module, PackedCodesWeight.of(qw))
 
     @torch.no_grad()
     def collect_hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:
