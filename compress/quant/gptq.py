@@ -23,7 +23,11 @@ reference has known rough edges:
   weights GPTQ propagates errors against are exactly those export writes.
 
 Everything here is a pure function of tensors; :class:`GPTQStage` is the thin part that
-collects Hessians on the layer-by-layer engine.
+collects Hessians on the layer-by-layer engine. Its true-sequential order costs one layer
+forward on Llama-family layers: the layer is walked sub-block by sub-block (:class:`_LlamaWalk`),
+each group of linears quantized when the walk reaches it, and the walk's result is the
+layer's output (the engine skips its own forward). Other layers are re-run from their start
+for each group of linears (:meth:`GPTQStage.collect_hessians`), which gives the same result.
 """
 
 from __future__ import annotations
@@ -598,6 +602,10 @@ class _LlamaWalk:
 
 
 class GPTQStage(QuantizingStage):
+    """GPTQ on the layer-by-layer engine: Hessians of each linear's inputs, in true-sequential
+    order (each group of linears sees the earlier ones quantized), shared by linears that
+    read the same input (q/k/v, gate/up: one stacked GPTQ run)."""
+
     name = "gptq"
     needs_calibration = True
 
