@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
         "shorter after a rejection",
     )
     gen.add_argument(
+        "--draft-kv", default="target", choices=["target", "own"],
+        help="a draft of the target's shape (built from it) takes the target's keys and values (no draft prefill, "
+        "agrees more often), or computes its own",
+    )
+    gen.add_argument(
         "--draft-head", default="float", choices=["float", "int4"],
         help="the draft's output layer: as stored, or int4 at load (faster draft, agrees less often; output exact)",
     )

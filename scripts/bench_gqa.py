@@ -64,11 +64,12 @@ def main() -> None:
     p.add_argument("--no-int4", action="store_true")
     p.add_argument("--int4", default="rtn",
                    help=f"int4 methods after gqa, comma-separated: rtn, gptq, each optionally with {VO_FLOAT}")
-    p.add_argument("--value-ridge", default="0.1",
+    p.add_argument("--value-ridge", default="0",
                    help="fit kinds: Tikhonov penalty of the value fit, comma-separated values (one row each)")
     p.add_argument("--balance", default="on", choices=["on", "off", "both"],
                    help="fit kinds: exact v/o basis balancing before int4 (both: a row with and one without)")
     p.add_argument("--skip-float", action="store_true", help="no gqa-free rows (float given by --baseline)")
+    p.add_argument("--only-int4", action="store_true", help="no float row for each conversion, only its int4 rows")
     p.add_argument("--baseline", type=float, default=None,
                    help="float perplexity already measured on the same windows: skip the float row")
     p.add_argument("--refit", default="on", choices=["on", "off", "both"],
@@ -108,6 +109,7 @@ def main() -> None:
     print(f"float: {base:.3f}", flush=True)
     write()
     int4 = [None] if args.no_int4 else [None, *args.int4.split(",")]
+    conversions_int4 = int4[1:] if args.only_int4 and not args.no_int4 else int4
     for kind in int4[1:] if not args.skip_float else []:
         t = time.perf_counter()
         m = copy.deepcopy(model)
@@ -126,7 +128,7 @@ def main() -> None:
             fit = pooling != "mean"
             refits = [False] if not fit else {"on": [True], "off": [False], "both": [False, True]}[args.refit]
             for refit, ridge, balance, q in itertools.product(refits, ridges if fit else ridges[:1],
-                                                               balances if fit else [True], int4):
+                                                               balances if fit else [True], conversions_int4):
                 if q and len(refits) > 1 and not refit:
                     continue  # int4 rows only for the default (refit) variant
                 t = time.perf_counter()

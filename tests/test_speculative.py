@@ -377,6 +377,7 @@ def test_runtime_greedy_equals_plain(runtime_models):
     expected = target.generate_ids([PROMPT], 16).tokens[0]
     kinds = {
         "int4-self-draft": lambda: (ModelDraft(self_draft.model), self_draft),
+        "int4-self-draft, target's KV": lambda: (ModelDraft(self_draft.model, kv_source=target.model), self_draft),
         "other-checkpoint": lambda: (ModelDraft(other.model), other),
         "prompt-lookup": lambda: (PromptLookupDraft(), None),
         "random": lambda: (RandomDraft(64, seed=2), None),
@@ -388,6 +389,29 @@ def test_runtime_greedy_equals_plain(runtime_models):
             assert out == expected, f"{kind}, k={k}"
     _, stats = generate_runtime(target, ModelDraft(self_draft.model), self_draft, PROMPT, 16, k=4)
     assert stats.acceptance_rate > 0.5
+
+
+def test_draft_takes_the_targets_kv(runtime_models):
+    """A self-draft copies the prompt's and the accepted tokens' keys and values from the target."""
+    from compress.runtime.speculative import copy_kv, generate_runtime, kv_compatible
+
+    target, self_draft, other = runtime_models
+    assert kv_compatible(target.model, self_draft.model) and not kv_compatible(target.model, other.model)
+    draft = ModelDraft(self_draft.model, kv_source=target.model)
+    out, stats = generate_runtime(target, draft, self_draft, PROMPT, 16, k=3)
+    assert out == target.generate_ids([PROMPT], 16).tokens[0]
+    # The prompt is copied, never fed: the draft's first pass is the one token after it.
+    assert draft.copied >= len(PROMPT) and stats.draft_passes < stats.target_passes * 3 + 1
+    # copy_kv copies exactly the positions asked for.
+    target.model.setup_caches(1, 32)
+    self_draft.model.setup_caches(1, 32)
+    with torch.inference_mode():
+        target.model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+    copy_kv(target.model, self_draft.model, 2, 5)
+    for t_layer, d_layer in zip(target.model.layers, self_draft.model.layers):
+        t_k, d_k = t_layer.attention.kv_cache.k_cache, d_layer.attention.kv_cache.k_cache
+        torch.testing.assert_close(d_k[:, :, 2:5], t_k[:, :, 2:5].to(d_k.dtype))
+        assert not d_k[:, :, :2].any() and not d_k[:, :, 5:].any()
 
 
 @pytest.mark.parametrize("k", [2, 7])
@@ -554,8 +578,8 @@ def test_cli_generate_speculate_adaptive(tiny_checkpoint, capsys, draft):
     err = capsys.readouterr().err
     assert code == 0
     assert "k=2 adaptive" in err and "output identical to plain greedy" in err
-    if draft == "self":  # the model as its own draft agrees on every token
-        assert "acceptance 100.0%" in err
+    if draft == "self":  # the model as its own draft agrees on every token, and takes its keys and values
+        assert "acceptance 100.0%" in err and "target KV" in err
 
 
 def test_cli_generate_rejects_bad_speculate_k(tiny_checkpoint, capsys):
