@@ -78,7 +78,7 @@ class GQAStage:
     name = "gqa"
 
     def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous",
-                 refit_output: bool = True, balance_values: bool = True, value_ridge: float = 0.1):
+                 refit_output: bool = True, balance_values: bool = True, value_ridge: float = 0.0):
         if pooling not in M.POOLINGS:
             raise RecipeError(f"gqa: pooling must be one of {', '.join(M.POOLINGS)}")
         if grouping not in M.GROUPINGS:
@@ -100,7 +100,7 @@ class GQAStage:
     def from_recipe(cls, entry) -> GQAStage:
         return cls(entry.num_key_value_heads, entry.pooling, entry.grouping,
                    getattr(entry, "refit_output", True), getattr(entry, "balance_values", True),
-                   getattr(entry, "value_ridge", 0.1))
+                   getattr(entry, "value_ridge", 0.0))
 
     @property
     def needs_calibration(self) -> bool:

@@ -120,7 +120,7 @@ class GQAStage(Strict):
         True, description="fit kinds: exact v/o basis change so that int4 rounding of v_proj/o_proj is not amplified"
     )
     value_ridge: float = Field(
-        0.1, ge=0, description="fit kinds: Tikhonov penalty of the value fit, relative to the mean input energy"
+        0.0, ge=0, description="fit kinds: Tikhonov penalty of the value fit, relative to the mean input energy"
     )
 
 

@@ -196,6 +196,23 @@ def test_hessian_accumulator_is_the_full_product_in_batches(features):
     assert torch.equal(got, got.T)
 
 
+@pytest.mark.parametrize("columns", [7, 64])
+def test_packed_record_is_the_record(columns):
+    from compress.quant.gptq import PackedCodesWeight
+
+    w, _ = correlated_problem(out_features=5, in_features=columns, seed=9)
+    plain = int4.quantize(w, QuantArgs(4, 32, False))
+    packed = PackedCodesWeight.of(plain)
+    assert packed.shape == plain.shape and packed._packed_codes.numel() == 5 * ((columns + 1) // 2)
+    assert torch.equal(packed.codes, plain.codes) and packed.codes.dtype == torch.uint8
+    assert torch.equal(packed.dequantize(), plain.dequantize())
+    assert packed.nbytes_packed() == plain.nbytes_packed()
+    eight = int4.quantize(w, QuantArgs(8, 32, True))
+    assert PackedCodesWeight.of(eight) is eight
+    with pytest.raises(GPTQError):
+        PackedCodesWeight.of(eight.__class__(eight.codes, eight.scales, eight.zeros, 4, 32, True))
+
+
 def test_act_order_g_idx_groups_follow_processing_order():
     w, x = correlated_problem(seed=4)
     h = hessian_from_inputs(x)

@@ -23,7 +23,11 @@ reference has known rough edges:
   weights GPTQ propagates errors against are exactly those export writes.
 
 Everything here is a pure function of tensors; :class:`GPTQStage` is the thin part that
-collects Hessians on the layer-by-layer engine.
+collects Hessians on the layer-by-layer engine. Its true-sequential order costs one layer
+forward on Llama-family layers: the layer is walked sub-block by sub-block (:class:`_LlamaWalk`),
+each group of linears quantized when the walk reaches it, and the walk's result is the
+layer's output (the engine skips its own forward). Other layers are re-run from their start
+for each group of linears (:meth:`GPTQStage.collect_hessians`), which gives the same result.
 """
 
 from __future__ import annotations
@@ -230,7 +234,7 @@ def _run_gptq(
     perm = act_order_permutation(h) if act_order != "none" else None
     if perm is not None:
         w = w[:, perm]
-        h = h[perm[:, None], perm]
+        h = h.index_select(0, perm).index_select(1, perm)
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
         original = perm if perm is not None else torch.arange(columns, device=w.device)
@@ -311,28 +315,31 @@ def _blocked_updates(
     scales_t = scales.T.contiguous()
     zeros_t = zeros.T.float().contiguous()
     dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    code_rows, scale_rows, zero_rows = codes_t.unbind(0), scales_t.unbind(0), zeros_t.unbind(0)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         w1 = wt[i1:i2]  # a view: the in-block updates land in wt
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1).tolist()
+        # Row views made once per block: indexing a tensor costs more than the small ops here.
+        w_rows, err_rows, h_rows = w1.unbind(0), err1.unbind(0), hinv1.unbind(0)
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
             if not fixed_params and j % width == 0:
                 current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
                 s, z = group_qparams(current.T, args, mse)
-                scales_t[g], zeros_t[g] = s, z.float()
-            s, z = scales_t[g], zeros_t[g]
-            col = w1[i]
+                scales_t[g], zeros_t[g] = s, z.float()  # in place: the row views see it
+            s, z = scale_rows[g], zero_rows[g]
+            col = w_rows[i]
             # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
-            c = torch.div(col.float(), s, out=codes_t[j]).round_().add_(z).clamp_(0, maxq)
+            c = torch.div(col.float(), s, out=code_rows[j]).round_().add_(z).clamp_(0, maxq)
             q = torch.sub(c, z, out=dequantized).mul_(s)
-            err = torch.sub(col, q, out=err1[i]).div_(diag[i])
+            err = torch.sub(col, q, out=err_rows[i]).div_(diag[i])
             # Rank-1 update of the rest of the block (column i itself is done).
             if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(hinv1[i, i + 1 :], err, alpha=-1)
+                w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
         losses += (err1 * err1).sum(dim=0).float() / 2
         wt[i2:] -= hinv[i1:i2, i2:].T @ err1
     codes.copy_(codes_t.T)
@@ -372,6 +379,43 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
         )
         start += n
     return out
+
+
+class PackedCodesWeight(QuantizedWeight):
+    """A :class:`QuantizedWeight` keeping 4-bit codes two to a byte.
+
+    A run holds every linear's record until export: as uint8 codes that is a byte per
+    weight (106 MB on the embedded model, a fifth of the float32 model), half of it waste.
+    ``codes`` unpacks on access (read-only: a write to the unpacked tensor is not kept), so
+    to every consumer this is a QuantizedWeight.
+    """
+
+    @property
+    def codes(self) -> Tensor:
+        packed = self._packed_codes
+        both = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+        return both[:, : self._columns]
+
+    @codes.setter
+    def codes(self, value: Tensor) -> None:
+        if value.dtype != torch.uint8 or value.dim() != 2 or (value.numel() and int(value.max()) > 15):
+            raise GPTQError("packed codes need a 2-D uint8 tensor of 4-bit values")
+        self._columns = value.shape[1]
+        if value.shape[1] % 2:
+            value = torch.nn.functional.pad(value, (0, 1))
+        pairs = value.reshape(value.shape[0], -1, 2)
+        self._packed_codes = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._packed_codes.shape[0], self._columns)
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> QuantizedWeight:
+        """``qw`` with packed codes when it has 4 bits; otherwise ``qw`` itself."""
+        if qw.bits != 4 or isinstance(qw, cls):
+            return qw
+        return cls(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.symmetric, qw.g_idx)
 
 
 def hessian_from_inputs(x: Tensor) -> Tensor:
@@ -452,6 +496,17 @@ def release_freed_memory_eagerly(threshold: int = 1 << 20) -> None:
 
 def _first_output(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _first_of_batch(obj, batch: int):
+    """``obj`` (layer arguments) with every tensor of ≥ 2 dims and ``batch`` rows cut to its first."""
+    if isinstance(obj, Tensor):
+        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_of_batch(o, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first_of_batch(v, batch) for k, v in obj.items()}
+    return obj
 
 
 def _input_of(module: nn.Module, call) -> Tensor:
@@ -547,6 +602,10 @@ class _LlamaWalk:
 
 
 class GPTQStage(QuantizingStage):
+    """GPTQ on the layer-by-layer engine: Hessians of each linear's inputs, in true-sequential
+    order (each group of linears sees the earlier ones quantized), shared by linears that
+    read the same input (q/k/v, gate/up: one stacked GPTQ run)."""
+
     name = "gptq"
     needs_calibration = True
 
@@ -623,7 +682,10 @@ class GPTQStage(QuantizingStage):
 
     @torch.no_grad()
     def _walk_matches_forward(self, ctx: LayerContext) -> bool:
+        # The first window is enough to tell; its batch's other arguments cut to match.
         hidden, kwargs = ctx.inputs.hidden[0], ctx.inputs.kwargs[0]
+        if hidden.shape[0] > 1:
+            hidden, kwargs = hidden[:1], _first_of_batch(kwargs, hidden.shape[0])
         try:
             walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
         except Exception as e:  # any mismatch in structure means: use the general method
@@ -669,7 +731,7 @@ class GPTQStage(QuantizingStage):
         self.losses[label] = result.loss
         parts = split_rows(result.qweight, [w.shape[0] for w in weights])
         for (short, module), qw in zip(members, parts, strict=True):
-            self.record(f"{prefix}.{short}", module, qw)
+            self.record(f"{prefix}.{short}", module, PackedCodesWeight.of(qw))
 
     @torch.no_grad()
     def collect_hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:

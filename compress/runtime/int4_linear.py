@@ -226,11 +226,11 @@ class Int4Linear(nn.Module):
             return self.forward
         mm, packed, group, sz, bias = _CPU_INT4_MM, self.packed, self.group, self.scales_and_zeros, self.bias
         if dtype == self.compute_dtype and bias is None:
-            return lambda x: mm(x, packed, group, sz)
+            return lambda x: mm(x.contiguous(), packed, group, sz)  # contiguous: free when it already is
         compute = self.compute_dtype
 
         def matmul(x: Tensor) -> Tensor:
-            y = mm(x.to(compute), packed, group, sz).to(dtype)
+            y = mm(x.to(compute).contiguous(), packed, group, sz).to(dtype)
             return y if bias is None else y + bias
 
         return matmul

@@ -436,7 +436,12 @@ def _linear_fn(module: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tens
 
 def _bf16_linear_cpu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """bfloat16 F.linear on CPU; one or two rows skip oneDNN, whose bfloat16 matrix-vector product
-    takes about twice as long as ATen's for the (memory-bound) output layer; both accumulate in float32."""
+    takes about twice as long as ATen's for the (memory-bound) output layer; both accumulate in float32.
+
+    The switch is process-wide for the duration of the call: another thread's bfloat16 matmul at
+    that moment may also run without oneDNN, and two threads in here at once can leave it off
+    (slower many-row bfloat16 matmuls afterwards, same results).
+    """
     if x.shape[0] > 2 or _set_mkldnn is None:
         return F.linear(x, weight, bias)
     # Only the one switch (torch.backends.mkldnn.flags also resets the TF32 and precision settings).
