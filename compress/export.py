@@ -63,13 +63,22 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def checkpoint_tensors(
-    model: nn.Module, quantized: dict[str, QuantizedWeight], fmt: str
+    model: nn.Module, quantized: dict[str, QuantizedWeight], fmt: str, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, Tensor], str | None]:
-    """Every tensor to write, by name, and the GPTQ checkpoint_format (None for other formats)."""
+    """Every tensor to write, by name, and the GPTQ checkpoint_format (None for other formats).
+
+    ``dtype`` casts the unquantized floating tensors (embeddings, norms, float linears); quantization
+    scales keep the precision they were computed in, so the int4 weights stay exact.
+    """
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format '{fmt}' (use one of {', '.join(FORMATS)})")
     tensors, tied = unique_state_dict(model)
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    if dtype is not None:
+        quantized_weights = {f"{prefix}.weight" for prefix in quantized} if fmt != "float" else set()
+        tensors = {
+            n: t.to(dtype) if t.is_floating_point() and n not in quantized_weights else t for n, t in tensors.items()
+        }
     if fmt == "float" or not quantized:
         if fmt != "float":
             raise CheckpointError(f"export format '{fmt}' needs quantized layers, and there are none")
@@ -199,12 +208,14 @@ def ct_config(quantized: dict[str, QuantizedWeight], model: nn.Module) -> dict:
     }
 
 
-def config_dict(model: nn.Module, quantization_config: dict | None, folder: Path) -> dict:
+def config_dict(
+    model: nn.Module, quantization_config: dict | None, folder: Path, dtype: torch.dtype | None = None
+) -> dict:
     """The model's config.json, plus the quantization config and fields older loaders need."""
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config.pop("quantization_config", None)
-    dtype = str(model_dtype(model)).removeprefix("torch.")
+    dtype = str(dtype or model_dtype(model)).removeprefix("torch.")
     config["dtype"] = dtype
     config["torch_dtype"] = dtype  # the name transformers 4.x reads
     rope = config.get("rope_parameters") or {}
@@ -274,20 +285,22 @@ def save(
     fmt: str = "gptq",
     max_shard_size: int = DEFAULT_SHARD,
     recipe=None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Write the checkpoint into ``folder`` (a staging folder: the caller renames it when complete).
 
+    ``dtype``: store the unquantized tensors in this dtype (default: the model's).
     Returns what was written: format, GPTQ checkpoint_format, files, bytes, quantized layer count.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors, checkpoint_format = checkpoint_tensors(model, quantized, fmt)
+    tensors, checkpoint_format = checkpoint_tensors(model, quantized, fmt, dtype)
     qconfig = None
     if fmt == "gptq":
         qconfig = gptq_config(quantized, checkpoint_format, model, recipe)
     elif fmt == "compressed-tensors":
         qconfig = ct_config(quantized, model)
-    config = config_dict(model, qconfig, folder)
+    config = config_dict(model, qconfig, folder, dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if qconfig and fmt == "gptq":
         (folder / "quantize_config.json").write_text(json.dumps(qconfig, indent=2, sort_keys=True) + "\n")
@@ -344,6 +357,7 @@ def export_checkpoint(
     max_shard_size: int = DEFAULT_SHARD,
     recipe=None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """:func:`save` + :func:`write_manifest` into a staging folder renamed to ``out`` only when complete."""
     from compress.pipeline import commit_output, prepare_output
@@ -351,7 +365,7 @@ def export_checkpoint(
     out = Path(out)
     tmp = prepare_output(out, overwrite)
     try:
-        info = save(tmp, model, tokenizer, quantized, fmt, max_shard_size, recipe)
+        info = save(tmp, model, tokenizer, quantized, fmt, max_shard_size, recipe, dtype)
         write_manifest(tmp)
         commit_output(tmp, out)
     except BaseException:

@@ -399,6 +399,7 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
             fmt=recipe.export.format,
             max_shard_size=R.parse_size(recipe.export.max_shard_size),
             recipe=recipe,
+            dtype=None if recipe.export.dtype == "auto" else getattr(torch, recipe.export.dtype),
         )
         timing["export"] = time.perf_counter() - t
         result["export"] = {"format": recipe.export.format, "path": str(out), **(info or {})}

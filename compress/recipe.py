@@ -101,6 +101,10 @@ class AWQStage(Strict):
     clip_grid: int = Field(20, ge=1)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     gqa_aware_vo: bool = Field(True, description="also scale v→o when KV heads are grouped")
+    search_tokens: int = Field(
+        4096, ge=0, description="calibration tokens the α search's loss runs on (0: all; statistics use all)"
+    )
+    clip_tokens: int = Field(2048, ge=0, description="calibration tokens the clip search runs on (0: all)")
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
 
@@ -149,6 +153,9 @@ class ExportConfig(Strict):
     format: Literal["gptq", "compressed-tensors", "float", "none"] = "gptq"
     output: str | None = Field(None, description="output folder (default outputs/<recipe name>)")
     max_shard_size: str = "2GB"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the unquantized tensors written (auto: the model's; bfloat16 halves them)"
+    )
 
     @field_validator("output")
     @classmethod

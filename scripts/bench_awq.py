@@ -39,7 +39,8 @@ JOBS = {
     "awq-rtn-novo": "our AWQ without v→o scaling (as the references on GQA) + RTN",
     "awq-rtn-noclip": "our AWQ without the clip search + RTN",
     "gptq": "our GPTQ (act-order static)",
-    "awq-gptq": "our AWQ (GQA-aware v→o) + our GPTQ",
+    "awq-gptq": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static)",
+    "awq-gptq-novo": "our AWQ (no clip, no v→o scaling) + our GPTQ (act-order static)",
 }
 
 
@@ -65,12 +66,13 @@ def worker(job: str, windows_path: str, opts) -> dict:
     model = loaded.model
     info: dict = {"job": job, "threads": torch.get_num_threads()}
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     if job == "peer-awq":
         info.update(run_peer(model, loaded.tokenizer, calib, opts))
     elif job != "float":
         info.update(run_ours(job, model, loaded.arch, calib, opts))
     info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
+    info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
     info["peak_rss_quantize"] = peak_rss_bytes()
 
     t = time.perf_counter()
@@ -92,11 +94,14 @@ def run_ours(job: str, model, arch, calib, opts) -> dict:
                 args,
                 grid=20,
                 coarse_step=opts.coarse_step,
-                clip=not job.endswith("noclip"),
-                gqa_aware_vo=not job.endswith("novo"),
+                search_tokens=opts.search_tokens,
+                # GPTQ compensates each column's error and picks its own ranges: a range clipped
+                # for RTN beforehand only takes that freedom away.
+                clip=not (job.endswith("noclip") or "gptq" in job),
+                gqa_aware_vo="novo" not in job,
             )
         )
-    if job.endswith("gptq"):
+    if "gptq" in job:
         from compress.quant.gptq import GPTQStage
 
         chain.append(GPTQStage(args, ["lm_head"]))
@@ -177,7 +182,7 @@ def run_job(job: str, windows: Path, opts) -> dict:
     out = windows.parent / f"{job}.json"
     cmd = [sys.executable, __file__, "--worker", job, "--windows", str(windows), "--json", str(out)]
     cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads)]
-    cmd += ["--coarse-step", str(opts.coarse_step)]
+    cmd += ["--coarse-step", str(opts.coarse_step), "--search-tokens", str(opts.search_tokens)]
     env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "TRANSFORMERS_VERBOSITY": "error"}
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
@@ -192,19 +197,20 @@ def run_job(job: str, windows: Path, opts) -> dict:
 def table(results: dict[str, dict]) -> str:
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
     lines = [
-        "| method | perplexity | Δ vs float | quantize wall s | peak RSS GiB | what |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS GiB | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for job, r in results.items():
         if "error" in r:
             last = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {job} | failed | | | | {JOBS[job]}: `{last[:160]}` |")
+            lines.append(f"| {job} | failed | | | | | {JOBS[job]}: `{last[:160]}` |")
             continue
         ppl = r["eval"]["perplexity"]
         delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
         secs = f"{r['quantize_seconds']:.0f}" if job != "float" else "–"
+        cpu = f"{r['quantize_cpu_seconds']:.0f}" if job != "float" else "–"
         rss = r["peak_rss_quantize"] / 2**30
-        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {rss:.2f} | {JOBS[job]} |")
+        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss:.2f} | {JOBS[job]} |")
     return "\n".join(lines)
 
 
@@ -221,16 +227,27 @@ def ratios(results: dict[str, dict]) -> list[str]:
         ours, peer = results["awq-rtn"], results["peer-awq"]
         out.append(
             f"- ours/peer: perplexity {ppl('awq-rtn') / ppl('peer-awq'):.4f}, "
-            f"quantize time {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}, "
+            f"quantize wall time {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}, "
+            f"quantize CPU time {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}, "
             f"peak RSS {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
         )
     if ok("float") and ok("rtn"):
         gap = ppl("rtn") - ppl("float")
-        for job in ("awq-rtn", "awq-rtn-novo", "awq-rtn-noclip", "peer-awq", "gptq", "awq-gptq"):
+        for job in ("awq-rtn", "awq-rtn-novo", "awq-rtn-noclip", "peer-awq", "gptq", "awq-gptq", "awq-gptq-novo"):
             if ok(job):
                 out.append(f"- {job} keeps {(ppl(job) - ppl('float')) / gap:.1%} of RTN's perplexity increase")
-    if ok("awq-rtn") and ok("awq-rtn-novo"):
-        out.append(f"- GQA-aware v→o scaling: perplexity {ppl('awq-rtn-novo'):.3f} → {ppl('awq-rtn'):.3f}")
+    for on, off in (("awq-rtn", "awq-rtn-novo"), ("awq-gptq", "awq-gptq-novo")):
+        if ok(on) and ok(off):
+            out.append(f"- GQA-aware v→o scaling, {on}: perplexity {ppl(off):.3f} → {ppl(on):.3f}")
+    if ok("awq-gptq"):
+        rivals = {j: ppl(j) for j in ("awq-rtn", "gptq") if ok(j)}
+        if rivals:
+            best = min(rivals, key=rivals.__getitem__)
+            verdict = "beats" if ppl("awq-gptq") < rivals[best] else "does not beat"
+            out.append(
+                f"- awq-gptq {ppl('awq-gptq'):.3f} {verdict} the best of {', '.join(rivals)} "
+                f"({best} {rivals[best]:.3f})"
+            )
     return out
 
 
@@ -251,12 +268,13 @@ def write_report(path: Path, command: str, meta: dict, results: dict, opts, elap
         "Perplexity by the project's protocol (compress.evaluate).",
         f"Quantizer: 4-bit asymmetric, group {opts.group}, lm_head float. Our AWQ: grid 20 with "
         f"coarse_step {opts.coarse_step} (every {opts.coarse_step}-th α, then refined around the best), duo scaling, "
+        f"α search loss on {opts.search_tokens or 'all'} calibration tokens (statistics on all), "
         "clip search (q/k skipped) unless the job says otherwise. The peer: AWQModifier(duo_scaling=True, "
         "n_grid=20) (no clip search; v→o skipped on grouped heads), then QuantizationModifier; "
         "IntermediatesCache.pin_memory patched out (it needs an accelerator).",
         f"Versions: {_versions()}.",
-        "Quantize wall time covers the transform and quantization only (our layer-by-layer run, or the "
-        "peer's oneshot); peak RSS is the process's (model loading included, the same for all).",
+        "Quantize wall and CPU (process) time cover the transform and quantization only (our layer-by-layer "
+        "run, or the peer's oneshot); peak RSS is the process's (model loading included, the same for all).",
         "",
         table(results),
         "",
@@ -283,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on shared cores)")
     p.add_argument("--coarse-step", type=int, default=1, help="our AWQ's coarse_step (1: the full grid)")
+    p.add_argument("--search-tokens", type=int, default=4096, help="our AWQ's search_tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", default=",".join(JOBS), help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/awq-vs-peers.md"))

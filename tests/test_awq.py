@@ -244,8 +244,9 @@ def test_awq_rtn_beats_rtn_on_embedded_model():
     windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=8)
     args = QuantArgs(4, 128, True)
     ppl = {}
-    # Coarse-to-fine α and no clip search keep this to a few minutes on a shared CPU.
-    for name, chain in (("rtn", []), ("awq", [awq.AWQStage(args, coarse_step=4, clip=False)])):
+    # Coarse-to-fine α on a 512-token search subsample, no clip search: short on a shared CPU.
+    stage = awq.AWQStage(args, coarse_step=4, clip=False, search_tokens=512)
+    for name, chain in (("rtn", []), ("awq", [stage])):
         m = copy.deepcopy(loaded.model)
         run_layerwise(m, loaded.arch, calib, [*chain, RTNStage(args)], progress=False)
         ppl[name] = evaluate.perplexity(m, windows, batch_size=4, progress=False)["perplexity"]
@@ -271,3 +272,93 @@ def test_coarse_to_fine_finds_the_grid_minimum_with_fewer_evaluations():
         coarse = awq.search_scales(x_mean, None, loss, grid=20, duo=False, coarse_step=4)
         assert coarse.alpha == full.alpha
         assert len(calls) < n_full / 2
+
+
+# ---------------------------------------------------------------------------
+# Search subsample and one forward per layer
+# ---------------------------------------------------------------------------
+
+
+def test_even_positions_and_pick_windows():
+    assert awq.even_positions(100, 0) is None and awq.even_positions(100, 100) is None
+    p = awq.even_positions(100, 10)
+    assert len(p) == 10 and int(p[0]) == 0 and int(p[-1]) == 99
+    # 7 windows in batches of 3, 3, 1; 2 windows of 16 tokens wanted for 20 tokens.
+    rows = awq.pick_windows([3, 3, 1], 16, 20)
+    assert sum(len(r) for r in rows) == 2 and all(0 <= i < b for r, b in zip(rows, [3, 3, 1]) for i in r)
+    assert awq.pick_windows([3, 3, 1], 16, 0) == [[0, 1, 2], [0, 1, 2], [0]]
+
+
+def test_token_sampler_takes_global_positions_across_batches():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    positions = torch.tensor([0, 4, 5, 9, 13, 14])
+    sampler = awq._TokenSampler(positions)
+    parts = [sampler.take(x[:, :, :]), sampler.take(x + 100)]
+    flat = torch.cat([x.reshape(-1, 3), (x + 100).reshape(-1, 3)])
+    assert torch.equal(torch.cat(parts), flat[positions])
+
+
+def _record(model, windows, stage, batch_size):
+    """The stage's record of layer 0, through the engine's own layer context."""
+    from compress.calibrate import LayerContext, capture_layer_inputs
+
+    a = arch_for(model)
+    inputs = capture_layer_inputs(model, a, windows, batch_size, "cpu")
+    layer = decoder_layers(model, a)[0]
+    ctx = LayerContext(0, f"{a.layers_path}.0", layer, a, model.config, inputs, torch.device("cpu"), model)
+    return ctx, stage._record(ctx, stage._pairs(ctx), stage._clip_names(ctx))
+
+
+@pytest.mark.parametrize("search_tokens", [0, 40])
+def test_recorded_calls_replay_exactly(search_tokens, tiny_windows):
+    """Replaying a recorded subsample through its module gives the recorded outputs (mask etc. sliced along)."""
+    model = make_tiny_model("llama", heads=4, kv_heads=2)
+    stage = awq.AWQStage(QuantArgs(4, 16, True), search_tokens=search_tokens)
+    ctx, record = _record(model, tiny_windows, stage, batch_size=3)
+    seq = tiny_windows.shape[1]
+    for name, calls in record.calls.items():
+        assert awq.module_error(ctx.submodule(name), calls) == 0.0
+        tokens = sum(o.reshape(-1, o.shape[-1]).shape[0] for o in calls.outputs)
+        if search_tokens == 0:
+            assert tokens == tiny_windows.numel()
+        elif name == ctx.arch.attention:
+            assert tokens == -(-search_tokens // seq) * seq  # whole windows
+        else:
+            assert tokens == search_tokens
+
+
+def test_clip_on_derived_inputs_matches_a_fresh_forward(tiny_windows):
+    """The clip search's inputs (recorded before folding, divided by the scales) are the folded layer's."""
+    base = make_tiny_model("llama", heads=4, kv_heads=2)
+    args = QuantArgs(4, 16, False)
+    one = copy.deepcopy(base)
+    run_layerwise(one, arch_for(one), tiny_windows, [awq.AWQStage(args, grid=5, clip_tokens=50)], progress=False)
+
+    two = copy.deepcopy(base)
+    scale_only = awq.AWQStage(args, grid=5, clip=False)
+    clip_only = awq.AWQStage(args, grid=5, clip_tokens=50)
+
+    class Then:
+        name = "then"
+
+        def apply_layer(self, ctx):
+            scale_only.apply_layer(ctx)
+            # A fresh forward of the folded layer gives the clip inputs, then the clip as the stage does it.
+            names = clip_only._clip_names(ctx)
+            record = clip_only._record(ctx, [], names)
+            for n in names:
+                lin = ctx.submodule(n)
+                lo, hi = awq.clip_search(lin.weight.data, record.clip_inputs[n], args, 20, 0.5)
+                lin.weight.data = awq.apply_clip(lin.weight.data, lo, hi, args.group_size)
+
+    run_layerwise(two, arch_for(two), tiny_windows, [Then()], progress=False)
+    for (name, p1), (_, p2) in zip(one.named_parameters(), two.named_parameters(), strict=True):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recipe_search_tokens_reach_the_stage():
+    recipe = R.parse(
+        {"name": "t", "stages": [{"type": "awq", "search_tokens": 0, "clip_tokens": 128}, {"type": "rtn"}]}
+    )
+    stage = stages.build(recipe.stages[0])
+    assert stage.search_tokens == 0 and stage.clip_tokens == 128

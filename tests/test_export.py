@@ -359,3 +359,26 @@ def test_what_a_hard_kill_leaves_does_not_look_finished(tmp_path, quantized_tiny
         C.read(staging)
     with pytest.raises(C.CheckpointError, match=r"no manifest\.json"):
         C.verify(staging)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "float"])
+def test_export_dtype_casts_only_unquantized_tensors(tmp_path, fmt):
+    """export.dtype bfloat16 halves the float tensors; the int4 weights read back bit-exact."""
+    model = make_tiny_model()
+    quantized = quantize_model(model, int4.QuantArgs(4, 32, True))
+    out = tmp_path / "bf16"
+    export.export_checkpoint(out, model, tiny_tokenizer(), quantized, fmt, dtype=torch.bfloat16)
+    ckpt = C.read(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert torch.equal(ckpt.tensors["model.embed_tokens.weight"], model.model.embed_tokens.weight.bfloat16())
+    floats = {n: t for n, t in ckpt.tensors.items() if t.is_floating_point()}
+    assert floats and all(t.dtype == torch.bfloat16 for t in floats.values())
+    if fmt != "float":
+        for name, qw in quantized.items():
+            assert_same(qw, ckpt.quantized[name])
+    loaded = models.load(str(out))
+    assert next(loaded.model.parameters()).dtype in (torch.bfloat16, torch.float32)
+    from compress.runtime.loader import load_folder
+
+    runtime_model, _ = load_folder(out, backend="reference")
+    assert runtime_model is not None

@@ -275,44 +275,59 @@ def _range_bounds(w: Tensor, args: QuantArgs) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
+def group_gram(x: Tensor, width: int) -> Tensor:
+    """Per-group second moments of the inputs: [groups, width, width], H_g = X_g^T X_g / tokens.
+
+    ``x`` [tokens, in]; a last group narrower than ``width`` is zero-padded (zero columns add
+    nothing). With it the output error of a weight change Δ in group g, mean over tokens of
+    (x_g · Δ)², is Δ H_g Δ^T: independent of the token count.
+    """
+    tokens, in_features = x.shape
+    groups = -(-in_features // width)
+    xp = torch.nn.functional.pad(x.float(), (0, groups * width - in_features)).reshape(tokens, groups, width)
+    return torch.einsum("ngw,ngv->gwv", xp, xp) / max(tokens, 1)
+
+
 @torch.no_grad()
 def clip_search(
-    w: Tensor, x: Tensor, args: QuantArgs, grid: int = 20, max_shrink: float = 0.5, row_block: int = 1024
+    w: Tensor, x: Tensor, args: QuantArgs, grid: int = 20, max_shrink: float = 0.5, row_block: int = 256
 ) -> tuple[Tensor, Tensor]:
     """Per (row, group) clipping bounds minimizing that group's output error on ``x``.
 
     ``w`` [out, in], ``x`` [tokens, in]. For each group the range (lo, hi) is shrunk by
     1 - i/grid for i < max_shrink·grid; the error of a group is the mean over tokens of
-    (x_g · (Q(clamp(w_g)) - w_g))². Returns (lo, hi), each [out, groups]; clamping the
-    weight to them makes the following quantizer use exactly the chosen range.
+    (x_g · (Q(clamp(w_g)) - w_g))², computed as Δ H_g Δ^T from the group's input Gram
+    matrix (:func:`group_gram`), for every shrink factor in one batched computation.
+    Returns (lo, hi), each [out, groups]; clamping the weight to them makes the following
+    quantizer use exactly the chosen range.
     """
     w = w.float()
-    x = x.float().to(w.device)
     out_features, in_features = w.shape
     width = args.group_width(in_features)
     groups = args.num_groups(in_features)
+    gram = group_gram(x.to(w.device), width)  # [G, w, w]
+    # Zero-padded columns keep every range (lo <= 0 <= hi) and quantize to exactly zero.
+    wp = torch.nn.functional.pad(w, (0, groups * width - in_features)).reshape(out_features, groups, width)
+    steps = max(1, int(max_shrink * grid))
+    factors = torch.tensor([1 - i / grid for i in range(steps)], device=w.device).view(steps, 1, 1)
     lo_best = torch.empty(out_features, groups, device=w.device)
     hi_best = torch.empty_like(lo_best)
-    steps = max(1, int(max_shrink * grid))
-    for g in range(groups):
-        cols = slice(g * width, min((g + 1) * width, in_features))
-        xg = x[:, cols]
-        for r0 in range(0, out_features, row_block):
-            wg = w[r0 : r0 + row_block, cols]
-            lo0, hi0 = _range_bounds(wg, args)
-            best_err = torch.full((wg.shape[0],), float("inf"), device=w.device)
-            best_f = torch.ones_like(best_err)
-            for i in range(steps):
-                f = 1 - i / grid
-                clipped = torch.maximum(torch.minimum(wg, (hi0 * f).unsqueeze(1)), (lo0 * f).unsqueeze(1))
-                scale, zero = int4.compute_qparams(clipped, args)
-                dq = int4.fake_quantize_rows(clipped, scale, zero, args.maxq)
-                err = (xg @ (dq - wg).T).pow(2).mean(0)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-            lo_best[r0 : r0 + row_block, g] = lo0 * best_f
-            hi_best[r0 : r0 + row_block, g] = hi0 * best_f
+    for r0 in range(0, out_features, row_block):
+        block = wp[r0 : r0 + row_block]  # [r, G, w]
+        r = block.shape[0]
+        rows = block.reshape(-1, width)
+        lo0, hi0 = _range_bounds(rows, args)  # [r·G]
+        lo_f, hi_f = lo0.view(1, -1, 1) * factors, hi0.view(1, -1, 1) * factors  # [S, r·G, 1]
+        clipped = torch.maximum(torch.minimum(rows.unsqueeze(0), hi_f), lo_f).reshape(-1, width)
+        scale, zero = int4.compute_qparams(clipped, args)
+        delta = (int4.fake_quantize_rows(clipped, scale, zero, args.maxq) - clipped).view(steps, r, groups, width)
+        # Clamping moves w too: the error is against the unclipped weight.
+        delta = delta + (clipped.view(steps, r, groups, width) - block.unsqueeze(0))
+        err = (torch.einsum("srgw,gwv->srgv", delta, gram) * delta).sum(-1).reshape(steps, -1)  # [S, r·G]
+        best = err.argmin(0)  # the first (least clipping) of equal errors
+        f = factors.view(-1)[best]
+        lo_best[r0 : r0 + r] = (lo0 * f).view(r, groups)
+        hi_best[r0 : r0 + r] = (hi0 * f).view(r, groups)
     return lo_best, hi_best
 
 
@@ -329,7 +344,7 @@ def apply_clip(w: Tensor, lo: Tensor, hi: Tensor, group_size: int) -> Tensor:
 
 @dataclass
 class _Calls:
-    """Inputs and outputs of one module over every calibration batch."""
+    """Inputs and reference outputs of one module on the search subsample."""
 
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
@@ -340,22 +355,65 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def even_positions(total: int, wanted: int) -> Tensor | None:
+    """``wanted`` evenly spaced positions in ``range(total)``; None means all (wanted <= 0 or >= total)."""
+    if wanted <= 0 or wanted >= total:
+        return None
+    return torch.linspace(0, total - 1, wanted).round().long().unique()
+
+
+def pick_windows(batch_sizes: list[int], seq_len: int, wanted: int) -> list[list[int]]:
+    """Evenly spaced whole windows holding at least ``wanted`` tokens, as row indices per batch.
+
+    All windows when wanted <= 0 or there are not enough.
+    """
+    total = sum(batch_sizes)
+    k = total if wanted <= 0 else min(total, -(-wanted // seq_len))
+    chosen = {(i * total) // k for i in range(k)}
+    rows, start = [], 0
+    for b in batch_sizes:
+        rows.append([w - start for w in range(start, start + b) if w in chosen])
+        start += b
+    return rows
+
+
+def select_rows(obj, rows: Tensor, batch: int):
+    """Rows ``rows`` of every tensor in ``obj`` (nested tuples, lists, dicts) whose first dimension is
+    the batch; tensors broadcast over the batch (first dimension 1) and other values stay as they are."""
+    if isinstance(obj, Tensor):
+        return obj[rows.to(obj.device)] if obj.dim() and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(select_rows(o, rows, batch) for o in obj)
+    if isinstance(obj, list):
+        return [select_rows(o, rows, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: select_rows(v, rows, batch) for k, v in obj.items()}
+    return obj
+
+
+class _TokenSampler:
+    """Rows of the flattened token stream at fixed global positions, batch by batch."""
+
+    def __init__(self, positions: Tensor | None):
+        self.positions = positions
+        self.offset = 0
+
+    def take(self, x: Tensor) -> Tensor:
+        """``x`` [..., C] of the current batch → the kept rows [k, C]; advances the offset."""
+        flat = x.detach().reshape(-1, x.shape[-1])
+        n = flat.shape[0]
+        if self.positions is None:
+            rows = flat
+        else:
+            p = self.positions
+            local = p[(p >= self.offset) & (p < self.offset + n)] - self.offset
+            rows = flat[local.to(flat.device)]
+        self.offset += n
+        return rows.clone()
+
+
 @contextlib.contextmanager
-def _recording(modules: dict[str, nn.Module], calls: dict[str, _Calls]) -> Iterator[None]:
-    """Keep each named module's call arguments (kwargs included) and output."""
-    handles = []
-    for name, module in modules.items():
-        rec = calls.setdefault(name, _Calls())
-
-        def pre(_m, args, kwargs, rec=rec):
-            rec.args.append(args)
-            rec.kwargs.append(kwargs)
-
-        def post(_m, _args, output, rec=rec):
-            rec.outputs.append(_first(output))
-
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post))
+def _hooks(handles: list) -> Iterator[None]:
     try:
         yield
     finally:
@@ -395,8 +453,24 @@ class PairRecord:
     unit_error: float
 
 
+@dataclass
+class _LayerRecord:
+    """What one forward of a layer collects for the searches."""
+
+    calls: dict[str, _Calls]  # inspected module → its calls on the search subsample
+    x_mean: dict[str, Tensor]  # first linear of a pair → per input channel mean |x| (every token)
+    clip_inputs: dict[str, Tensor]  # linear → its inputs on the clip subsample [tokens, in]
+
+
 class AWQStage:
-    """Searches and folds AWQ scales (and clipping) layer by layer; quantizes nothing."""
+    """Searches and folds AWQ scales (and clipping) layer by layer; quantizes nothing.
+
+    Cost control: the per-channel statistics use every calibration token, but the α search
+    evaluates its loss on ``search_tokens`` of them (evenly spaced tokens for per-token
+    modules, evenly spaced whole batches for attention, which needs whole sequences), and the
+    clip search on ``clip_tokens``; 0 means all. One forward per layer records everything;
+    inputs after folding are the recorded ones divided by the folded scales.
+    """
 
     name = "awq"
     needs_calibration = True
@@ -411,8 +485,9 @@ class AWQStage:
         max_shrink: float = 0.5,
         gqa_aware_vo: bool = True,
         ignore: list[str] | None = None,
-        clip_tokens: int = 512,
+        clip_tokens: int = 2048,
         coarse_step: int = 1,
+        search_tokens: int = 4096,
     ):
         int4.check_args(args)
         self.args = args
@@ -425,6 +500,7 @@ class AWQStage:
         self.ignore = list(ignore or [])
         self.clip_tokens = clip_tokens
         self.coarse_step = coarse_step
+        self.search_tokens = search_tokens
         self.records: list[PairRecord] = []
         self.skipped: set[str] = set()
 
@@ -445,6 +521,8 @@ class AWQStage:
             gqa_aware_vo=entry.gqa_aware_vo,
             ignore=entry.ignore,
             coarse_step=entry.coarse_step,
+            search_tokens=entry.search_tokens,
+            clip_tokens=entry.clip_tokens,
         )
 
     # -- which pairs and linears ------------------------------------------------
@@ -464,32 +542,111 @@ class AWQStage:
             pairs.append(pair)
         return pairs
 
+    def _clip_names(self, ctx: LayerContext) -> list[str]:
+        # q/k are skipped as in the reference: their error passes through softmax, which the
+        # per-linear output error does not model.
+        if not self.clip:
+            return []
+        skip = {ctx.arch.q_proj, ctx.arch.k_proj}
+        return [n for n in self._quantized_names(ctx, ctx.arch.linears) if n not in skip]
+
     # -- one layer ---------------------------------------------------------------
 
     @torch.no_grad()
     def apply_layer(self, ctx: LayerContext) -> None:
         pairs = self._pairs(ctx)
-        if pairs:
-            self._scale_layer(ctx, pairs)
-        if self.clip:
-            self._clip_layer(ctx)
-
-    def _scale_layer(self, ctx: LayerContext, pairs: list[ScalingPair]) -> None:
-        # One forward records every pair's inspected module and input statistics. Folding a
-        # pair preserves the float function, so the records stay valid for later pairs.
-        calls: dict[str, _Calls] = {}
-        stats = {pair.linears[0]: ChannelMeanAbs() for pair in pairs}
-        hooks = {name: (lambda _m, inp, _o, acc=acc: acc.add(inp[0])) for name, acc in stats.items()}
-        inspected = {pair.inspect: ctx.submodule(pair.inspect) for pair in pairs}
-        with _recording(inspected, calls):
-            ctx.forward(hooks, keep_outputs=False)
+        clip_names = self._clip_names(ctx)
+        if not pairs and not clip_names:
+            return
+        record = self._record(ctx, pairs, clip_names)
         heads, kv_heads, _ = head_counts(ctx.config)
+        # Folding a pair preserves the float function, so the records stay valid for later
+        # pairs; only the inputs of the pair's own linears change, by exactly 1/s_in.
+        input_scales: dict[str, Tensor] = {}
         for pair in pairs:
-            self._scale_pair(ctx, pair, stats[pair.linears[0]].mean, calls[pair.inspect], heads, kv_heads)
+            x_mean = record.x_mean[pair.linears[0]]
+            s_in = self._scale_pair(ctx, pair, x_mean, record.calls[pair.inspect], heads, kv_heads)
+            if s_in is not None:
+                input_scales.update({n: s_in for n in pair.linears})
+        for name in clip_names:
+            x = record.clip_inputs.pop(name)
+            if name in input_scales:
+                x = x / input_scales[name].to(x.device)
+            lin = ctx.submodule(name)
+            lo, hi = clip_search(lin.weight.data, x, self.args, self.clip_grid, self.max_shrink)
+            lin.weight.data = apply_clip(lin.weight.data, lo, hi, self.args.group_size)
+
+    def _record(self, ctx: LayerContext, pairs: list[ScalingPair], clip_names: list[str]) -> _LayerRecord:
+        """One forward: every inspected module's calls, the pairs' statistics, the clip inputs."""
+        total = ctx.inputs.num_tokens
+        hidden = ctx.inputs.hidden
+        windows = pick_windows([h.shape[0] for h in hidden], hidden[0].shape[1], self.search_tokens)
+        search_positions = even_positions(total, self.search_tokens)
+        clip_positions = even_positions(total, self.clip_tokens)
+        record = _LayerRecord({}, {}, {})
+        handles = []
+        per_token_parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+
+        for inspect in dict.fromkeys(p.inspect for p in pairs):
+            module = ctx.submodule(inspect)
+            calls = record.calls.setdefault(inspect, _Calls())
+            if inspect == ctx.arch.attention:
+                # Attention mixes tokens: keep whole windows (every argument, the mask included).
+                count = [0]
+
+                def pre(_m, args, kwargs, calls=calls, count=count):
+                    rows = windows[count[0]]
+                    if rows:
+                        batch, index = hidden[count[0]].shape[0], torch.tensor(rows)
+                        calls.args.append(select_rows(args, index, batch))
+                        calls.kwargs.append(select_rows(kwargs, index, batch))
+
+                def post(_m, args, output, calls=calls, count=count):
+                    rows = windows[count[0]]
+                    if rows:
+                        out = _first(output).detach()
+                        calls.outputs.append(select_rows(out, torch.tensor(rows), hidden[count[0]].shape[0]))
+                    count[0] += 1
+
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(post))
+            else:
+                # A per-token module (MLP, linear): evenly spaced tokens over every batch.
+                sampler_in, sampler_out = _TokenSampler(search_positions), _TokenSampler(search_positions)
+                parts = per_token_parts.setdefault(inspect, ([], []))
+
+                def keep(_m, inp, output, parts=parts, s_in=sampler_in, s_out=sampler_out):
+                    parts[0].append(s_in.take(inp[0]))
+                    parts[1].append(s_out.take(_first(output)))
+
+                handles.append(module.register_forward_hook(keep))
+
+        stats = {pair.linears[0]: ChannelMeanAbs() for pair in pairs}
+        for name, stat in stats.items():
+            handles.append(ctx.submodule(name).register_forward_hook(lambda _m, i, _o, a=stat: a.add(i[0])))
+        clip_parts: dict[str, list[Tensor]] = {}
+        for name in clip_names:
+            sampler = _TokenSampler(clip_positions)
+            parts_c = clip_parts.setdefault(name, [])
+            handles.append(
+                ctx.submodule(name).register_forward_hook(
+                    lambda _m, i, _o, s=sampler, p=parts_c: p.append(s.take(i[0]))
+                )
+            )
+
+        with _hooks(handles):
+            ctx.forward(keep_outputs=False)
+
+        for inspect, (xs, ys) in per_token_parts.items():
+            record.calls[inspect] = _Calls([(torch.cat(xs),)], [{}], [torch.cat(ys)])
+        record.x_mean = {name: stat.mean for name, stat in stats.items()}
+        record.clip_inputs = {name: torch.cat(parts) for name, parts in clip_parts.items()}
+        return record
 
     def _scale_pair(
         self, ctx: LayerContext, pair: ScalingPair, x_mean: Tensor, calls: _Calls, heads: int, kv_heads: int
-    ) -> None:
+    ) -> Tensor | None:
+        """Search and fold one pair's scales; returns the scales folded into the linears' inputs."""
         prev = ctx.submodule(pair.prev)
         linears = [ctx.submodule(n) for n in pair.linears]
         quantized = [ctx.submodule(n) for n in self._quantized_names(ctx, pair.linears)]
@@ -517,32 +674,14 @@ class AWQStage:
                 return module_error(module, calls)
 
         result = search_scales(x_mean.to(ctx.device), w_mean, loss, self.grid, self.duo_scaling, self.coarse_step)
-        if result.alpha is not None:
-            fold_scales(prev, linears, result.scales, to_inputs(result.scales))
         self.records.append(PairRecord(ctx.index, pair.prev, result.alpha, result.error, result.unit_error))
         ctx.log.append(f"awq {pair.prev}: alpha={result.alpha} error {result.unit_error:.3g} -> {result.error:.3g}")
+        if result.alpha is None:
+            return None
+        s_in = to_inputs(result.scales)
+        fold_scales(prev, linears, result.scales, s_in)
+        return s_in
 
-    def _clip_layer(self, ctx: LayerContext) -> None:
-        # q/k are skipped as in the reference: their error passes through softmax, which the
-        # per-linear output error does not model.
-        skip = {ctx.arch.q_proj, ctx.arch.k_proj}
-        names = [n for n in self._quantized_names(ctx, ctx.arch.linears) if n not in skip]
-        if not names:
-            return
-        # A strided subsample of tokens, as the reference does, bounds cost and memory.
-        step = max(1, ctx.inputs.num_tokens // self.clip_tokens)
-        inputs: dict[str, list[Tensor]] = {n: [] for n in names}
-
-        def keep(name: str, x: Tensor) -> None:
-            inputs[name].append(x.detach().reshape(-1, x.shape[-1])[::step].clone())
-
-        hooks = {n: (lambda _m, inp, _o, n=n: keep(n, inp[0])) for n in names}
-        ctx.forward(hooks, keep_outputs=False)
-        for name in names:
-            x = torch.cat(inputs.pop(name))[: self.clip_tokens]
-            lin = ctx.submodule(name)
-            lo, hi = clip_search(lin.weight.data, x, self.args, self.clip_grid, self.max_shrink)
-            lin.weight.data = apply_clip(lin.weight.data, lo, hi, self.args.group_size)
 
     # -- resume (compress/resume.py): the cross-layer state, as plain data ---------
 

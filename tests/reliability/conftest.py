@@ -17,9 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Tiny models gain nothing from threads, and on shared cores OpenMP threads spin against
 # other jobs: one thread here and in the subprocesses (also the same arithmetic in both,
-# which bit-for-bit resume comparisons rely on).
-os.environ["OMP_NUM_THREADS"] = "1"
-torch.set_num_threads(1)
+# which bit-for-bit resume comparisons rely on). Only while this suite runs: the other
+# suites (the embedded model's integration tests) keep torch's default.
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 WORDS = (
     "the river runs past old mills and stone bridges while farmers bring grain to the market town "
@@ -97,7 +105,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """``python -m compress ARGS`` from the repository root (this checkout's package)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **ONE_THREAD_ENV, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "compress", *args],
         cwd=ROOT,

@@ -102,7 +102,8 @@ def test_resume_after_interruption_point(setup, monkeypatch, capsys, point):
 
 
 def _start(path: Path, fault: str) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COMPRESS_FAULT": fault}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "COMPRESS_FAULT": fault}
     return subprocess.Popen(
         [sys.executable, "-m", "compress", "run", str(path), "-q"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
