@@ -110,6 +110,10 @@ class LayerContext:
     device: torch.device
     model: nn.Module | None = None
     log: list[str] = field(default_factory=list)
+    # The layer's outputs on ``inputs`` with its current weights, when a stage computed them on
+    # the way (GPTQ's step-by-step pass): the engine then skips its own forward. Reset before
+    # each stage, so only the last stage's (still valid) outputs are used.
+    outputs: list[Tensor] | None = None
 
     def submodule(self, name: str) -> nn.Module:
         return get_module(self.layer, name)
@@ -169,9 +173,10 @@ def run_layerwise(
         ctx = LayerContext(i, f"{arch.layers_path}.{i}", layer, arch, model.config, inputs, device, model)
         for stage in stages:
             bar.set_postfix_str(stage.name)
+            ctx.outputs = None
             stage.apply_layer(ctx)
         # The compressed layer's outputs feed the next layer.
-        outputs = ctx.forward()
+        outputs = ctx.outputs if ctx.outputs is not None else ctx.forward()
         inputs = LayerInputs(outputs, inputs.kwargs)
         layers[i].to(home)
         if on_layer_done is not None:

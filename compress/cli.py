@@ -254,7 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the chat template if the tokenizer has one",
     )
     gen.add_argument("--draft", help="speculative decoding: a draft checkpoint or 'prompt-lookup'")
-    gen.add_argument("--speculate-k", type=int, default=4)
+    gen.add_argument("--speculate-k", type=int, default=4, help="draft tokens per target pass")
+    gen.add_argument(
+        "--speculate-adaptive", action="store_true",
+        help="adapt the draft length between 1 and 2x --speculate-k: longer after a fully accepted draft, "
+        "shorter after a rejection",
+    )
+    gen.add_argument(
+        "--draft-kv", default="target", choices=["target", "own"],
+        help="a draft of the target's shape (built from it) takes the target's keys and values (no draft prefill, "
+        "agrees more often), or computes its own",
+    )
+    gen.add_argument(
+        "--draft-head", default="float", choices=["float", "int4"],
+        help="the draft's output layer: as stored, or int4 at load (faster draft, agrees less often; output exact)",
+    )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--backend", default="auto", help="int4 back end: auto, kernel or reference")
     gen.add_argument(

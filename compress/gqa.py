@@ -78,7 +78,7 @@ class GQAStage:
     name = "gqa"
 
     def __init__(self, num_kv_heads: int, pooling: str = "mean", grouping: str = "contiguous",
-                 refit_output: bool = True):
+                 refit_output: bool = True, balance_values: bool = True, value_ridge: float = 0.0):
         if pooling not in M.POOLINGS:
             raise RecipeError(f"gqa: pooling must be one of {', '.join(M.POOLINGS)}")
         if grouping not in M.GROUPINGS:
@@ -88,6 +88,10 @@ class GQAStage:
         self.grouping = grouping
         # fit kinds: finish with an o_proj least-squares refit on the layer's real activations
         self.refit_output = refit_output and pooling != "mean"
+        # fit kinds: exact change of the value basis so that int4 rounding of v/o_proj is not
+        # amplified by cancelling terms (gqa_math.balance_values); mean pooling keeps the model's basis
+        self.balance_values = balance_values and pooling != "mean"
+        self.value_ridge = value_ridge  # Tikhonov penalty of the value fit (gqa_math.fit_values)
         self.notes: list[str] = []
         self.orders: dict[int, list[int]] = {}
         self._before: int | None = None
@@ -95,7 +99,8 @@ class GQAStage:
     @classmethod
     def from_recipe(cls, entry) -> GQAStage:
         return cls(entry.num_key_value_heads, entry.pooling, entry.grouping,
-                   getattr(entry, "refit_output", True))
+                   getattr(entry, "refit_output", True), getattr(entry, "balance_values", True),
+                   getattr(entry, "value_ridge", 0.0))
 
     @property
     def needs_calibration(self) -> bool:
@@ -120,13 +125,16 @@ class GQAStage:
         cov, targets = self._collect(ctx) if self.needs_calibration else (None, [])
         att = read_attention(attn, kv_heads, head_dim)
         rotary = self._rotary(ctx, head_dim)
-        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary)
+        pooled, order = M.convert(att, self.num_kv_heads, self.pooling, self.grouping, cov, rotary,
+                                 self.value_ridge)
         if order != list(range(heads)):
             self.orders[ctx.index] = order
         write_attention(attn, pooled, heads)
         set_config_kv_heads(ctx.config, self.num_kv_heads)
         if self.refit_output:
             self._refit_output(ctx, attn, targets)
+        if self.balance_values:
+            self._balance(attn, head_dim, cov)
 
     def _collect(self, ctx: LayerContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One pass: the attention-input second moment, and (for the o_proj refit) the attention outputs."""
@@ -165,6 +173,13 @@ class GQAStage:
         new = M.refit_output(acc["gram"], acc["cross"], o_proj.weight.detach().cpu())
         o_proj.weight.data.copy_(new.to(o_proj.weight.dtype))
 
+    def _balance(self, attn: nn.Module, head_dim: int, cov: torch.Tensor) -> None:
+        """Re-express v_proj rows and o_proj columns in the balanced value basis (output unchanged)."""
+        att = read_attention(attn, self.num_kv_heads, head_dim)
+        pooled = M.balance_pooled(M.Pooled(att.q, att.k, att.v, att.o), cov.double())
+        _write_linear(attn, "v_proj", pooled.v)
+        attn.o_proj.weight.data.copy_(M.o_merge(pooled.o).to(attn.o_proj.weight.dtype))
+
     def _rotary(self, ctx: LayerContext, head_dim: int) -> M.Rotary | None:
         """The model's RoPE frequencies over the calibration window length."""
         if self.pooling == "mean":
@@ -187,7 +202,8 @@ class GQAStage:
         set_config_kv_heads(model.config, self.num_kv_heads)
         self.notes.append(
             f"gqa: {before} → {self.num_kv_heads} KV heads (pooling {self.pooling}, grouping {self.grouping}"
-            f"{', o_proj refit on activations' if self.refit_output else ''}); "
+            f"{', o_proj refit on activations' if self.refit_output else ''}"
+            f"{', v/o balanced' if self.balance_values else ''}); "
             f"KV cache ×{self.num_kv_heads / before:.3g}"
         )
         if self.orders:

@@ -116,6 +116,12 @@ class GQAStage(Strict):
     )
     grouping: Literal["contiguous", "similarity"] = "contiguous"
     refit_output: bool = Field(True, description="fit kinds: refit o_proj by least squares on layer activations")
+    balance_values: bool = Field(
+        True, description="fit kinds: exact v/o basis change so that int4 rounding of v_proj/o_proj is not amplified"
+    )
+    value_ridge: float = Field(
+        0.0, ge=0, description="fit kinds: Tikhonov penalty of the value fit, relative to the mean input energy"
+    )
 
 
 class DropLayersStage(Strict):

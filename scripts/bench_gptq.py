@@ -190,21 +190,24 @@ def fmt_bytes(n: float) -> str:
 def table(results: dict[str, dict], group: int) -> str:
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
     lines = [
-        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | eval s | what |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | RSS after load | eval s "
+        "| what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for job, r in results.items():
         what = JOBS[job].format(g=group)
         if "error" in r:
             first = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {job} | failed | | | | | | {what}: `{first[:160]}` |")
+            lines.append(f"| {job} | failed | | | | | | | {what}: `{first[:160]}` |")
             continue
         ppl = r["eval"]["perplexity"]
         delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
         secs = f"{r['quantize_seconds']:.1f}" if job != "float" else "–"
         cpu = f"{r['quantize_cpu_seconds']:.1f}" if job != "float" and "quantize_cpu_seconds" in r else "–"
-        rss = fmt_bytes(r["peak_rss_quantize"])
-        lines.append(f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {r['eval_seconds']:.0f} | {what} |")
+        rss, load = fmt_bytes(r["peak_rss_quantize"]), fmt_bytes(r.get("rss_after_load", 0))
+        lines.append(
+            f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {load} | {r['eval_seconds']:.0f} | {what} |"
+        )
     return "\n".join(lines)
 
 
@@ -214,9 +217,12 @@ def ratios(results: dict[str, dict]) -> list[str]:
     for kind in ("sym", "asym"):
         ours, peer, rtn = (results.get(f"{m}-{kind}", {}) for m in ("ours", "peer", "rtn"))
         if "eval" in ours and "eval" in peer:
+            cpu = ""
+            if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
+                cpu = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
             out.append(
                 f"- {kind}: perplexity ours/peer {ours['eval']['perplexity'] / peer['eval']['perplexity']:.4f}; "
-                f"time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}; "
+                f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}{cpu}; "
                 f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
             )
         if "eval" in ours and "eval" in rtn and float_ppl:

@@ -4,7 +4,7 @@ Side by side in one run (same windows, same model): float baseline, RTN int4 alo
 stage for each pooling and grouping, alone and followed by RTN int4 (g128, symmetric) in the same
 layer-by-layer pass, as a recipe ``[gqa, rtn]`` would do. Writes a Markdown table.
 
-    python scripts/bench_gqa.py --kv-heads 1 --calib 16 --eval 32 --out eval/results/gqa-smollm2.md
+    python scripts/bench_gqa.py --kv-heads 1 --calib 16 --eval 32 --int4 rtn,gptq --out eval/results/gqa-smollm2.md
 """
 
 from __future__ import annotations
@@ -29,6 +29,28 @@ from compress.gqa_math import POOLINGS
 from compress.quant.int4 import QuantArgs
 from compress.quant.rtn import RTNStage
 
+INT4 = QuantArgs(4, 128, True)
+
+
+VO_FLOAT = ":vo-float"  # suffix of an --int4 method: keep v_proj and o_proj in float
+
+
+def int4_stage(kind: str):
+    """The int4 stage run after gqa in the same layer pass (every linear but lm_head, unless ``:vo-float``)."""
+    method, _, _ = kind.partition(":")
+    ignore = ["lm_head"] + (["self_attn.v_proj", "self_attn.o_proj"] if kind.endswith(VO_FLOAT) else [])
+    if method == "rtn":
+        return RTNStage(INT4, ignore)
+    from compress.quant.gptq import GPTQStage
+
+    return GPTQStage(INT4, ignore)
+
+
+def int4_label(kind: str | None) -> str:
+    if kind is None:
+        return "no"
+    return kind.replace(VO_FLOAT, ", v/o_proj float")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,8 +62,16 @@ def main() -> None:
     p.add_argument("--poolings", default=",".join(POOLINGS))
     p.add_argument("--groupings", default="contiguous,similarity")
     p.add_argument("--no-int4", action="store_true")
+    p.add_argument("--int4", default="rtn",
+                   help=f"int4 methods after gqa, comma-separated: rtn, gptq, each optionally with {VO_FLOAT}")
+    p.add_argument("--value-ridge", default="0",
+                   help="fit kinds: Tikhonov penalty of the value fit, comma-separated values (one row each)")
+    p.add_argument("--balance", default="on", choices=["on", "off", "both"],
+                   help="fit kinds: exact v/o basis balancing before int4 (both: a row with and one without)")
+    p.add_argument("--skip-float", action="store_true", help="no gqa-free rows (float given by --baseline)")
+    p.add_argument("--only-int4", action="store_true", help="no float row for each conversion, only its int4 rows")
     p.add_argument("--baseline", type=float, default=None,
-                   help="float perplexity already measured on the same windows: skip the float and RTN-only rows")
+                   help="float perplexity already measured on the same windows: skip the float row")
     p.add_argument("--refit", default="on", choices=["on", "off", "both"],
                    help="fit kinds: o_proj refit on activations (both: a row with and one without)")
     p.add_argument("--context", type=int, default=2048, help="context length for the KV-cache size")
@@ -78,37 +108,47 @@ def main() -> None:
     rows.append(("(none)", "–", "no", base, 0.0 if args.baseline is not None else time.perf_counter() - t))
     print(f"float: {base:.3f}", flush=True)
     write()
-    int4 = [False] if args.no_int4 else [False, True]
-    if not args.no_int4 and args.baseline is None:
+    int4 = [None] if args.no_int4 else [None, *args.int4.split(",")]
+    conversions_int4 = int4[1:] if args.only_int4 and not args.no_int4 else int4
+    for kind in int4[1:] if not args.skip_float else []:
         t = time.perf_counter()
         m = copy.deepcopy(model)
-        run_layerwise(m, arch, calib_w[:1], [RTNStage(QuantArgs(4, 128, True), ["lm_head"])], args.device,
+        run_layerwise(m, arch, calib_w if kind.startswith("gptq") else calib_w[:1], [int4_stage(kind)], args.device,
                       progress=False)
-        rows.append(("(none)", "–", "rtn", ppl(m), time.perf_counter() - t))
-        print(f"rtn: {rows[-1][3]:.3f}", flush=True)
+        rows.append(("(none)", "–", int4_label(kind), ppl(m), time.perf_counter() - t))
+        print(f"{kind}: {rows[-1][3]:.3f}", flush=True)
         write()
+    ridges = [float(r) for r in args.value_ridge.split(",")]
+    balances = {"on": [True], "off": [False], "both": [True, False]}[args.balance]
     for pooling in args.poolings.split(","):
         for grouping in args.groupings.split(","):
             if grouping == "similarity" and args.kv_heads in (1, heads):
                 # One group (or one head per group): there is nothing to regroup; identical by construction.
                 continue
-            refits = [False] if pooling == "mean" else {"on": [True], "off": [False], "both": [False, True]}[args.refit]
-            for refit, q in itertools.product(refits, int4):
+            fit = pooling != "mean"
+            refits = [False] if not fit else {"on": [True], "off": [False], "both": [False, True]}[args.refit]
+            for refit, ridge, balance, q in itertools.product(refits, ridges if fit else ridges[:1],
+                                                               balances if fit else [True], conversions_int4):
                 if q and len(refits) > 1 and not refit:
                     continue  # int4 rows only for the default (refit) variant
                 t = time.perf_counter()
                 m = copy.deepcopy(model)
-                stages = [GQAStage(args.kv_heads, pooling, grouping, refit)]
+                stages = [GQAStage(args.kv_heads, pooling, grouping, refit, balance, ridge)]
                 stages[0].prepare(m, arch)
                 if q:
-                    stages.append(RTNStage(QuantArgs(4, 128, True), ["lm_head"]))
-                windows = calib_w if stages[0].needs_calibration else calib_w[:1]
+                    stages.append(int4_stage(q))
+                calibrated = stages[0].needs_calibration or (q or "").startswith("gptq")
+                windows = calib_w if calibrated else calib_w[:1]
                 final = run_layerwise(m, arch, windows, stages, args.device, progress=False)
                 stages[0].finish(m, arch, final)
                 state["kv_after"] = kv_cache_bytes_per_token(m.config)
                 value = ppl(m)
                 label = pooling + (" + o refit" if refit else "")
-                rows.append((label, grouping, "rtn" if q else "no", value, time.perf_counter() - t))
+                if fit and len(ridges) > 1:
+                    label += f", ridge {ridge:g}"
+                if fit and not balance:
+                    label += ", not balanced"
+                rows.append((label, grouping, int4_label(q), value, time.perf_counter() - t))
                 print(f"{label} {grouping} int4={q}: {value:.3f}", flush=True)
                 write()
     print(Path(args.out).read_text())
@@ -124,9 +164,12 @@ def write_markdown(args, rows, eval_w, calib_w, kv_before, heads, kv_tok_before,
         "",
         f"Perplexity on {eval_w.shape[0]} evaluation windows × {args.seq_len} tokens of the embedded Wikipedia "
         f"corpus's evaluation split; {calib_w.shape[0]} calibration windows × {args.seq_len} from the calibration "
-        "split (fit kinds only). int4 = RTN, 4 bits, group 128, symmetric, every linear but lm_head, applied "
-        "after gqa in the same layer-by-layer pass. `+ o refit`: o_proj refit by least squares on the layer's "
-        "activations after pooling (the stage's default for fit kinds, `refit_output`).",
+        "split (fit kinds and GPTQ only). int4 = RTN or GPTQ, 4 bits, group 128, symmetric, every linear but "
+        "lm_head (v_proj and o_proj included unless the row says `v/o_proj float`), applied after gqa in the "
+        "same layer-by-layer pass. `+ o refit`: o_proj refit by least squares on the layer's activations after "
+        "pooling (the stage's default for fit kinds, `refit_output`). Fit kinds use the stage defaults unless "
+        "the row says otherwise: value ridge "
+        f"{args.value_ridge.split(',')[0]} (`value_ridge`) and the balanced value basis (`balance_values`).",
         "",
         "| pooling | grouping | int4 after | perplexity | vs float | seconds |",
         "|---|---|---|---:|---:|---:|",

@@ -3,7 +3,8 @@
 One run, same prompts, greedy: open-ended prompts and input-grounded ones (rewrite or summarize a
 paragraph of the corpus's evaluation split). Rows:
   runtime plain                 the float target, one token per pass
-  runtime + int4 self-draft     the draft built by recipes/smollm2-draft.yaml
+  runtime + draft D             each --draft checkpoint, e.g. the int4 self-draft built by
+                                recipes/smollm2-draft.yaml (optionally also with adaptive k)
   runtime + prompt lookup       n-gram draft, no model
   transformers plain / assisted (assistant_model: the same draft weights, dequantized) / prompt lookup
 Every row is checked against plain greedy output (speculative decoding must not change it).
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.runtime.generate import Runtime, load
 from compress.runtime.sampling import SamplingParams
-from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate_runtime
+from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate_runtime, kv_compatible
 
 CLOCK = time.perf_counter
 
@@ -123,11 +124,17 @@ def sync(device) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default="smollm2", help="target checkpoint (default: the embedded float model)")
-    p.add_argument("--draft", default="outputs/smollm2-draft", help="draft checkpoint (int4 self-draft)")
+    p.add_argument("--draft", nargs="*", default=["outputs/smollm2-draft"],
+                   help="draft checkpoints (e.g. the int4 self-draft), one row each; none: prompt lookup only")
     p.add_argument("--draft-head", default="float", choices=["float", "int4"],
                    help="int4: quantize the draft's output layer at load (faster, but agrees less often)")
     p.add_argument("--k", type=int, default=4, help="draft tokens per pass for the model draft")
     p.add_argument("--lookup-k", type=int, default=8, help="draft tokens per pass for prompt lookup")
+    p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram prompt lookup matches")
+    p.add_argument("--adaptive", action="store_true", help="also run each model draft with adaptive k")
+    p.add_argument("--draft-kv", choices=["target", "own", "both"], default="target",
+                   help="a self-draft takes the target's keys and values (no draft prefill), computes its own, "
+                   "or both rows")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=2, help="prompts of each kind (open-ended, grounded)")
     p.add_argument("--device", default="cpu")
@@ -146,9 +153,10 @@ def main() -> int:
     device = torch.device(args.device)
 
     target = load(args.target, device=device)
+    # Plain decoding on its own copy: speculation swaps the target's linears for packed ones.
+    plain_target = load(args.target, device=device)
     target_dir = Path(target.info.source)
-    draft_dir = Path(args.draft) if args.draft else None
-    draft_rt = load(draft_dir, device=device, head=args.draft_head) if draft_dir else None
+    drafts = {d: load(d, device=device, head=args.draft_head) for d in args.draft}
     paragraphs = corpus_paragraphs(args.prompts)
     prompts = {
         "open-ended": OPEN_ENDED[: args.prompts],
@@ -158,17 +166,18 @@ def main() -> int:
     eos = target.eos_ids
     greedy = SamplingParams()
 
-    hf = assistant = None
+    hf, assistants = None, {}
     if not args.no_transformers:
-        hf, assistant = hf_models(target_dir, draft_dir, device, target.model.dtype)
+        hf, _ = hf_models(target_dir, None, device, target.model.dtype)
+        assistants = {d: hf_models(target_dir, Path(d), device, target.model.dtype)[1] for d in args.draft}
 
     def run_plain(ids, n):
-        r = target.generate_ids([ids], n, greedy)
+        r = plain_target.generate_ids([ids], n, greedy)
         return r.tokens[0], r.prefill_s + r.decode_s, r.decode_steps, r.decode_s, 0, 0, r.decode_steps
 
-    def run_spec(draft, drt, k):
+    def run_spec(draft, drt, k, adaptive=False):
         def fn(ids, n):
-            toks, s = generate_runtime(target, draft, drt, ids, n, k, greedy, clock=CLOCK)
+            toks, s = generate_runtime(target, draft, drt, ids, n, k, greedy, adaptive=adaptive, clock=CLOCK)
             return (toks, s.prefill_seconds + s.decode_seconds, s.new_tokens - 1, s.decode_seconds,
                     s.proposed, s.accepted, s.target_passes)
         return fn
@@ -180,15 +189,25 @@ def main() -> int:
         return fn
 
     methods = {"runtime plain": run_plain}
-    if draft_rt is not None:
-        methods[f"runtime + int4 self-draft (k={args.k})"] = run_spec(ModelDraft(draft_rt.model, device), draft_rt,
-                                                                      args.k)
-    methods[f"runtime + prompt lookup (k={args.lookup_k})"] = run_spec(PromptLookupDraft(), None, args.lookup_k)
+    for d, drt in drafts.items():
+        label = f"`{Path(d).name}` ({drt.info.quant_format})"
+        shared = kv_compatible(target.model, drt.model)
+        kv_modes = {"target": [shared], "own": [False], "both": [False, True] if shared else [False]}[args.draft_kv]
+        for share in kv_modes:
+            def make(share=share, drt=drt):
+                return ModelDraft(drt.model, device, kv_source=target.model if share else None)
+            tag = ", target's KV" if share else ""
+            methods[f"runtime + draft {label}{tag}, k={args.k}"] = run_spec(make(), drt, args.k)
+            if args.adaptive:
+                methods[f"runtime + draft {label}{tag}, adaptive k from {args.k}"] = run_spec(
+                    make(), drt, args.k, adaptive=True)
+    lookup = PromptLookupDraft(max_ngram=args.lookup_ngram)
+    methods[f"runtime + prompt lookup, k={args.lookup_k}"] = run_spec(lookup, None, args.lookup_k)
     if hf is not None:
         methods["transformers plain"] = run_hf()
-        if assistant is not None:
-            methods["transformers assisted, same draft weights"] = run_hf(assistant_model=assistant)
-        methods[f"transformers prompt lookup ({args.lookup_k})"] = run_hf(prompt_lookup_num_tokens=args.lookup_k)
+        for d, assistant in assistants.items():
+            methods[f"transformers assisted, draft `{Path(d).name}` dequantized"] = run_hf(assistant_model=assistant)
+        methods[f"transformers prompt lookup, {args.lookup_k}"] = run_hf(prompt_lookup_num_tokens=args.lookup_k)
 
     # Warm-up: allocations, kernel choice, first-call overheads; not timed.
     for fn in methods.values():
@@ -208,18 +227,20 @@ def main() -> int:
     lines = [
         "# Speculative decoding: side by side",
         "",
-        f"Target `{args.target}` (float, {target.model.dtype}), draft `{args.draft}` "
-        f"({draft_rt.info.quant_format if draft_rt else '-'}, output layer {args.draft_head}); device {device}, "
+        f"Target `{args.target}` (float, {target.model.dtype}), drafts {', '.join(f'`{d}`' for d in args.draft)} "
+        f"(output layer {args.draft_head}); prompt lookup up to {args.lookup_ngram}-grams; device {device}, "
         f"{args.clock} clock, torch threads {torch.get_num_threads()}; greedy, {args.new_tokens} new tokens, "
         f"{args.prompts} prompts per kind (chat template). Speedup: end-to-end tokens/s (prefill included) over "
-        "the same framework's plain decoding. 'exact': output identical to plain greedy on every prompt.",
+        "the same framework's plain decoding; decode speedup: decode tokens/s (after the first token, "
+        "the target's prefill excluded) over plain decoding's. 'exact': output identical to plain greedy on "
+        "every prompt.",
         "",
         "Command: `" + " ".join(shlex.quote(a) for a in ["python", *sys.argv]) + "`",
         "",
     ]
     for kind, by_name in rows.items():
-        lines += [f"## {kind}", "", "| method | tokens | tok/s | decode tok/s | speedup | acceptance | "
-                  "tokens / target pass | exact |", "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+        lines += [f"## {kind}", "", "| method | tokens | tok/s | decode tok/s | speedup | decode speedup | "
+                  "acceptance | tokens / target pass | exact |", "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
         base = {"runtime": by_name["runtime plain"]}
         if "transformers plain" in by_name:
             base["transformers"] = by_name["transformers plain"]
@@ -228,9 +249,12 @@ def main() -> int:
             b = base[name.split()[0]]
             speed = tps / (b.tokens / b.seconds) if b.seconds and b.tokens else 0.0
             dec = f"{r.decode_tokens / r.decode_seconds:.1f}" if r.decode_seconds else "-"
+            dec_speed = "-"
+            if r.decode_seconds and b.decode_seconds and b.decode_tokens:
+                dec_speed = f"{(r.decode_tokens / r.decode_seconds) / (b.decode_tokens / b.decode_seconds):.2f}x"
             acc = f"{r.accepted / r.proposed:.0%}" if r.proposed else "-"
             per = f"{r.decode_tokens / r.passes:.2f}" if r.passes else "-"
-            lines.append(f"| {name} | {r.tokens} | {tps:.1f} | {dec} | {speed:.2f}x | {acc} | {per} | "
+            lines.append(f"| {name} | {r.tokens} | {tps:.1f} | {dec} | {speed:.2f}x | {dec_speed} | {acc} | {per} | "
                          f"{'yes' if all(r.exact) else 'NO'} |")
         lines.append("")
     text = "\n".join(lines)

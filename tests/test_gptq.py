@@ -181,6 +181,38 @@ def test_stacked_rows_equal_separate_runs(act_order):
         assert torch.equal(part.group_index(), alone.group_index())
 
 
+@pytest.mark.parametrize("features", [64, 300, 576])
+def test_hessian_accumulator_is_the_full_product_in_batches(features):
+    from compress.quant.gptq import HessianAccumulator
+
+    g = torch.Generator().manual_seed(features)
+    batches = [torch.randn(2, 37, features, generator=g) * torch.rand(features, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(features, torch.device("cpu"))
+    for x in batches:
+        acc.add(x)
+    got = acc.hessian()
+    x = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    torch.testing.assert_close(got.double(), 2.0 / x.shape[0] * (x.T @ x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.parametrize("columns", [7, 64])
+def test_packed_record_is_the_record(columns):
+    from compress.quant.gptq import PackedCodesWeight
+
+    w, _ = correlated_problem(out_features=5, in_features=columns, seed=9)
+    plain = int4.quantize(w, QuantArgs(4, 32, False))
+    packed = PackedCodesWeight.of(plain)
+    assert packed.shape == plain.shape and packed._packed_codes.numel() == 5 * ((columns + 1) // 2)
+    assert torch.equal(packed.codes, plain.codes) and packed.codes.dtype == torch.uint8
+    assert torch.equal(packed.dequantize(), plain.dequantize())
+    assert packed.nbytes_packed() == plain.nbytes_packed()
+    eight = int4.quantize(w, QuantArgs(8, 32, True))
+    assert PackedCodesWeight.of(eight) is eight
+    with pytest.raises(GPTQError):
+        PackedCodesWeight.of(eight.__class__(eight.codes, eight.scales, eight.zeros, 4, 32, True))
+
+
 def test_act_order_g_idx_groups_follow_processing_order():
     w, x = correlated_problem(seed=4)
     h = hessian_from_inputs(x)
@@ -281,6 +313,7 @@ def test_stage_true_sequential_hessians_see_quantized_earlier_linears():
     model = make_tiny_model(layers=1)
     arch = arch_for(model)
     stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head"])
+    stage.stepwise = False  # the re-running method; the one-pass walk is checked against it below
     captured = {}
 
     class Spy:
@@ -317,6 +350,57 @@ def test_stage_true_sequential_hessians_see_quantized_earlier_linears():
         float_model(input_ids=windows)
     hook.remove()
     assert not torch.allclose(captured["self_attn.o_proj"], hessian_from_inputs(torch.cat(inputs)), rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("ignore", [["lm_head"], ["lm_head", "self_attn.o_proj", "mlp.up_proj"]])
+def test_one_pass_true_sequential_equals_rerunning_the_layer(model_type, ignore):
+    """The step-by-step walk gives bit for bit the records, weights and layer outputs of the
+    method that re-runs the layer from its start for each group of linears."""
+    windows = _calibration(seed=2, n=6)
+    results = []
+    for stepwise in (True, False):
+        model = make_tiny_model(model_type, layers=2)
+        stage = GPTQStage(QuantArgs(4, 32, False), ignore)
+        stage.stepwise = stepwise
+        outputs = run_layerwise(model, arch_for(model), windows, [stage], batch_size=4, progress=False)
+        assert stage._stepwise_ok == ({type(model.model.layers[0]): True} if stepwise else {})
+        results.append((stage.quantized, outputs.hidden))
+    (walked, walked_out), (rerun, rerun_out) = results
+    assert walked.keys() == rerun.keys() and len(walked) == 2 * (7 - len(ignore) + 1)
+    for name in walked:
+        for field_ in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(walked[name], field_), getattr(rerun[name], field_)), (name, field_)
+    for a, b in zip(walked_out, rerun_out, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_walk_is_the_layer_forward_and_falls_back_when_it_is_not():
+    from compress.calibrate import LayerContext, capture_layer_inputs
+    from compress.quant.gptq import _LlamaWalk
+
+    model = make_tiny_model(layers=1)
+    arch = arch_for(model)
+    inputs = capture_layer_inputs(model, arch, _calibration(n=4), 2, "cpu")
+    layer = model.model.layers[0]
+    ctx = LayerContext(0, "model.layers.0", layer, arch, model.config, inputs, torch.device("cpu"), model)
+    seen = []
+    walked = _LlamaWalk(ctx, inputs.hidden, inputs.kwargs).run(lambda names, xs: seen.append(names))
+    assert seen == list(arch.sequential)
+    for h, kw, out in zip(inputs.hidden, inputs.kwargs, walked, strict=True):
+        torch.testing.assert_close(out, layer(h, **kw), rtol=0, atol=0)
+    # A layer whose forward does more than the walk knows (here: a scaled residual) is caught
+    # by the run-time check, and the stage re-runs the layer instead.
+    original = type(layer).forward
+
+    class Odd(type(layer)):
+        def forward(self, hidden_states, **kw):
+            return original(self, hidden_states, **kw) * 1.5
+
+    layer.__class__ = Odd
+    stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head"])
+    assert not stage._stepwise_fits(ctx)
+    assert any("re-runs the layer" in n for n in stage.notes)
 
 
 def test_stage_from_recipe_and_ignore():

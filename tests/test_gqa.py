@@ -285,3 +285,115 @@ def test_converted_model_runs_in_runtime(tmp_path, tiny_windows, n):
         ours = runtime(tokens, torch.arange(tokens.shape[1]))
         ref = model(tokens).logits
     assert float((ours - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_balance_values_changes_no_output_and_removes_cancellation():
+    """An ill-conditioned value basis (large o columns that cancel) is re-expressed exactly, without cancellation."""
+    cov = random_cov()
+    att = random_attention(heads=4, kv_heads=4, seed=5)
+    pooled = M.pool(att, 2, "fit", cov, ROTARY)
+    # Spoil the basis on purpose: V → T V, O → O T⁻¹ with T nearly singular (product unchanged).
+    g = torch.Generator().manual_seed(7)
+    t = torch.eye(d, dtype=torch.float64)
+    t[1] = t[0] + 1e-3 * torch.randn(d, generator=g, dtype=torch.float64)  # two rows nearly alike
+    spoiled = M.Pooled(pooled.q, pooled.k, t @ pooled.v, pooled.o @ torch.linalg.inv(t))
+    x = torch.randn(9, D, dtype=torch.float64)
+    ref = attention_reference(as_attention(pooled), x)
+    balanced = M.balance_pooled(spoiled, cov)
+    torch.testing.assert_close(attention_reference(as_attention(balanced), x), ref)
+    for n in range(2):
+        def stacked(p: M.Pooled, n: int = n) -> torch.Tensor:
+            return p.o[2 * n : 2 * n + 2].reshape(-1, d)
+
+        assert M.noise_amplification(stacked(spoiled), spoiled.v[n], cov) > 100
+        assert M.noise_amplification(stacked(balanced), balanced.v[n], cov) == pytest.approx(1.0)
+        # Every o column the same norm, and the value rows keep the old mean energy.
+        norms = stacked(balanced).norm(dim=0)
+        torch.testing.assert_close(norms, norms.mean().expand(d))
+        assert float(M.row_energy(balanced.v[n], cov).mean()) == pytest.approx(
+            float(M.row_energy(spoiled.v[n], cov).mean()))
+
+
+def test_balanced_stage_changes_no_logits(tiny_windows):
+    base = make_tiny_model("llama", heads=4, kv_heads=4, layers=2)
+    outs = []
+    for balance in (False, True):
+        model = copy.deepcopy(base)
+        arch = arch_for(model)
+        stage = GQAStage(1, "fit_q", "contiguous", balance_values=balance)
+        stage.prepare(model, arch)
+        stage.finish(model, arch, run_layerwise(model, arch, tiny_windows, [stage], batch_size=3, progress=False))
+        with torch.no_grad():
+            outs.append(model(input_ids=tiny_windows).logits)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def ill_conditioned_cov(tokens: int = 16, floor: float = 1e-6) -> torch.Tensor:
+    """Fewer tokens than inputs: most directions are seen only through a tiny floor."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(tokens, D, generator=g, dtype=torch.float64) * 3
+    return M.second_moment(x) / tokens + floor * torch.eye(D + 1, dtype=torch.float64)
+
+
+def test_value_ridge_bounds_the_product():
+    """With ridge μ, ‖O'_h V'‖_F ≤ ‖O_h V_h C_μ^½‖_F / √μ̄ (fit_values' docstring), however ill-conditioned C is."""
+    ridge = 0.1
+    for tokens in (8, 16, 40):
+        cov = ill_conditioned_cov(tokens)
+        att = random_attention(heads=4, kv_heads=4, seed=tokens)
+        v, o = M.fit_values(att.o, [0, 1, 2, 3], att.v, cov, ridge=ridge)
+        cov_mu = M.ridge_cov(cov, ridge)
+        mu = float(cov_mu.diagonal().mean() - cov.diagonal().mean())
+        assert mu == pytest.approx(ridge * float(cov.diagonal().mean()))
+        evals, evecs = torch.linalg.eigh(cov_mu)
+        half = (evecs * evals.sqrt()) @ evecs.T
+        for h in range(4):
+            bound = float((att.o[h] @ att.v[h] @ half).norm()) / mu**0.5
+            assert float((o[h] @ v).norm()) <= bound * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("ridge", [0.1, 1.0])
+def test_ridge_fit_guarantee_against_mean(ridge):
+    """f_μ(fit) ≤ f_μ(mean); on the plain objective f(fit) ≤ f(mean) + μ̄ Σ_h ‖O_h (V̄ − V_h)‖²_F."""
+    att = random_attention(heads=4, kv_heads=4, seed=2)
+
+    def objective(c, v_new, o_new):
+        return sum(float(M.value_objective(att.o[h], att.v[h], o_new[h], v_new, c)) for h in range(4))
+
+    for cov in (random_cov(), ill_conditioned_cov()):
+        cov_mu = M.ridge_cov(cov, ridge)
+        mu = float(cov_mu.diagonal().mean() - cov.diagonal().mean())
+        mean_v = att.v.mean(0)
+        fit_v, fit_o = M.fit_values(att.o, [0, 1, 2, 3], att.v, cov, ridge=ridge)
+        assert objective(cov_mu, fit_v, fit_o) <= objective(cov_mu, mean_v, att.o) * (1 + 1e-9)
+        slack = mu * sum(float((att.o[h] @ (mean_v - att.v[h])).pow(2).sum()) for h in range(4))
+        assert objective(cov, fit_v, fit_o) <= objective(cov, mean_v, att.o) + slack * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_gqa_then_int4_on_every_linear_exports_and_loads(tmp_path, tiny_windows, fmt):
+    """fit_q + balanced values, then RTN on every linear (v/o_proj too): export, runtime and transformers agree."""
+    from compress import export, models
+    from compress.quant.int4 import QuantArgs
+    from compress.quant.rtn import RTNStage
+    from compress.runtime.loader import load_folder
+    from tests.test_export import tiny_tokenizer
+
+    model = make_tiny_model("llama", heads=4, kv_heads=4)
+    arch = arch_for(model)
+    gqa, rtn = GQAStage(1, "fit_q", "contiguous"), RTNStage(QuantArgs(4, 32, True), ["lm_head"])
+    gqa.prepare(model, arch)
+    gqa.finish(model, arch, run_layerwise(model, arch, tiny_windows, [gqa, rtn], batch_size=3, progress=False))
+    assert any(name.endswith("self_attn.v_proj") for name in rtn.quantized)
+    assert any(name.endswith("self_attn.o_proj") for name in rtn.quantized)
+    export.export_checkpoint(tmp_path / "c", model, tiny_tokenizer(), rtn.quantized, fmt)
+    tokens = tiny_windows[:2, :24]
+    with torch.no_grad():
+        ref = model(tokens).logits
+        loaded = models.load(tmp_path / "c").model
+        torch.testing.assert_close(loaded(tokens).logits, ref)
+    runtime, _ = load_folder(tmp_path / "c", backend="reference", dtype=torch.float32)
+    runtime.setup_caches(tokens.shape[0], tokens.shape[1])
+    with torch.inference_mode():
+        ours = runtime(tokens, torch.arange(tokens.shape[1]))
+    assert float((ours - ref).norm() / ref.norm()) < 1e-4

@@ -377,6 +377,7 @@ def test_runtime_greedy_equals_plain(runtime_models):
     expected = target.generate_ids([PROMPT], 16).tokens[0]
     kinds = {
         "int4-self-draft": lambda: (ModelDraft(self_draft.model), self_draft),
+        "int4-self-draft, target's KV": lambda: (ModelDraft(self_draft.model, kv_source=target.model), self_draft),
         "other-checkpoint": lambda: (ModelDraft(other.model), other),
         "prompt-lookup": lambda: (PromptLookupDraft(), None),
         "random": lambda: (RandomDraft(64, seed=2), None),
@@ -388,6 +389,29 @@ def test_runtime_greedy_equals_plain(runtime_models):
             assert out == expected, f"{kind}, k={k}"
     _, stats = generate_runtime(target, ModelDraft(self_draft.model), self_draft, PROMPT, 16, k=4)
     assert stats.acceptance_rate > 0.5
+
+
+def test_draft_takes_the_targets_kv(runtime_models):
+    """A self-draft copies the prompt's and the accepted tokens' keys and values from the target."""
+    from compress.runtime.speculative import copy_kv, generate_runtime, kv_compatible
+
+    target, self_draft, other = runtime_models
+    assert kv_compatible(target.model, self_draft.model) and not kv_compatible(target.model, other.model)
+    draft = ModelDraft(self_draft.model, kv_source=target.model)
+    out, stats = generate_runtime(target, draft, self_draft, PROMPT, 16, k=3)
+    assert out == target.generate_ids([PROMPT], 16).tokens[0]
+    # The prompt is copied, never fed: the draft's first pass is the one token after it.
+    assert draft.copied >= len(PROMPT) and stats.draft_passes < stats.target_passes * 3 + 1
+    # copy_kv copies exactly the positions asked for.
+    target.model.setup_caches(1, 32)
+    self_draft.model.setup_caches(1, 32)
+    with torch.inference_mode():
+        target.model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))
+    copy_kv(target.model, self_draft.model, 2, 5)
+    for t_layer, d_layer in zip(target.model.layers, self_draft.model.layers):
+        t_k, d_k = t_layer.attention.kv_cache.k_cache, d_layer.attention.kv_cache.k_cache
+        torch.testing.assert_close(d_k[:, :, 2:5], t_k[:, :, 2:5].to(d_k.dtype))
+        assert not d_k[:, :, :2].any() and not d_k[:, :, 5:].any()
 
 
 @pytest.mark.parametrize("k", [2, 7])
@@ -466,3 +490,102 @@ def test_drop_layers_stage_with_quantizer():
     again = DropLayersStage(keep=3)
     again.load_resume_state(drop.resume_state())
     assert again.scores == pytest.approx(drop.scores)
+
+
+# --------------------------------------------------------------------------- packed linears of the verify pass
+
+
+@pytest.mark.skipif(not __import__("compress.runtime.speculative", fromlist=["x"]).packed_linear_available(),
+                    reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_linear(dtype, bias):
+    from compress.runtime.speculative import PACKED_MAX_ROWS, PackedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80, bias=bias).to(dtype)
+    packed = PackedLinear(linear, rows=5)
+    fn = packed.as_function(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.inference_mode():
+        for rows in [1, 2, 5, 9, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 40]:
+            x = torch.randn(1, rows, 48).to(dtype)
+            expected = torch.nn.functional.linear(x, linear.weight, linear.bias)
+            for got in (packed(x), fn(x[0])[None]):
+                assert got.shape == expected.shape and got.dtype == dtype
+                if rows == 1 or rows > PACKED_MAX_ROWS:  # plain decoding and prefill: the very same kernel
+                    assert torch.equal(got, expected)
+                else:
+                    torch.testing.assert_close(got, expected, **tol)
+
+
+@pytest.mark.skipif(not __import__("compress.runtime.speculative", fromlist=["x"]).packed_linear_available(),
+                    reason="no oneDNN in this torch build")
+def test_pack_for_verification_swaps_float_linears_once():
+    from compress.quant.int4 import QuantArgs, quantize
+    from compress.runtime.loader import from_transformers
+    from compress.runtime.speculative import PackedLinear, pack_for_verification
+
+    hf = make_tiny_model(layers=2, vocab=64, seed=0)
+    model, _ = from_transformers(hf)
+    model.setup_caches(1, 64)
+    ids, pos = torch.tensor([PROMPT]), torch.arange(len(PROMPT))
+    with torch.inference_mode():
+        before = model(ids, pos)
+        assert pack_for_verification(model, 5) == 4 * 2 + 1  # four linears a layer, and the head
+        assert pack_for_verification(model, 5) == 0  # already packed for 5 rows
+        assert pack_for_verification(model, 3) == 9  # repacked for another verify length
+        assert isinstance(model.output, PackedLinear)
+        assert model.output.weight is model.tok_embeddings.weight or not hf.config.tie_word_embeddings
+        model.setup_caches(1, 64)
+        # A prefill keeps F.linear for long inputs; 12 rows go through the packed weights.
+        torch.testing.assert_close(model(ids, pos), before, atol=1e-5, rtol=1e-5)
+    records = {name: quantize(mod.weight, QuantArgs(4, 32, True)) for name, mod in hf.named_modules()
+               if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+    int4_model, _ = from_transformers(hf, records, backend="reference")
+    assert pack_for_verification(int4_model, 5) == 1  # only the float head
+
+
+# --------------------------------------------------------------------------- compress generate --draft
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random float model folder with the embedded model's tokenizer (its vocabulary size)."""
+    import shutil
+
+    from compress import assets
+
+    tokenizer_dir = assets.cache_dir() / assets.EMBEDDED_MODEL.name / "hf"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        pytest.skip("the embedded model's tokenizer is not in the cache")
+    folder = tmp_path_factory.mktemp("tiny-ckpt")
+    make_tiny_model(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64, vocab=49152).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "self"])
+def test_cli_generate_speculate_adaptive(tiny_checkpoint, capsys, draft):
+    from compress.cli import main
+
+    spec = str(tiny_checkpoint) if draft == "self" else draft
+    code = main(["generate", str(tiny_checkpoint), "--prompt", "one two three one two three one two",
+                 "--max-new-tokens", "12", "--device", "cpu", "--draft", spec, "--speculate-k", "2",
+                 "--speculate-adaptive"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "k=2 adaptive" in err and "output identical to plain greedy" in err
+    if draft == "self":  # the model as its own draft agrees on every token, and takes its keys and values
+        assert "acceptance 100.0%" in err and "target KV" in err
+
+
+def test_cli_generate_rejects_bad_speculate_k(tiny_checkpoint, capsys):
+    from compress.cli import main
+
+    code = main(["generate", str(tiny_checkpoint), "--prompt", "hi", "--device", "cpu", "--draft", "prompt-lookup",
+                 "--speculate-k", "0"])
+    assert code == 2
+    assert "--speculate-k must be >= 1" in capsys.readouterr().err

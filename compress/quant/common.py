@@ -41,7 +41,9 @@ class QuantizingStage:
     def record(self, full_name: str, module: nn.Linear, qw: QuantizedWeight) -> None:
         """Keep the record and put the weights it stands for into the model."""
         self.quantized[full_name] = qw
-        module.weight.data = dequantized_like(qw, module.weight)
+        # In place: a new tensor would sit beside the loaded one (often pages of the mapped
+        # checkpoint that stay resident), adding a model's worth of memory over a run.
+        module.weight.data.copy_(qw.dequantize(module.weight.dtype))
         # Scales are stored in float16: a group whose range needs more is clipped. Rare
         # (weights beyond ~500k at 4 bits) but silent otherwise.
         saturated = int((qw.scales >= torch.finfo(torch.float16).max).sum())

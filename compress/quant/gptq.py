@@ -23,13 +23,20 @@ reference has known rough edges:
   weights GPTQ propagates errors against are exactly those export writes.
 
 Everything here is a pure function of tensors; :class:`GPTQStage` is the thin part that
-collects Hessians on the layer-by-layer engine.
+collects Hessians on the layer-by-layer engine. Its true-sequential order costs one layer
+forward on Llama-family layers: the layer is walked sub-block by sub-block (:class:`_LlamaWalk`),
+each group of linears quantized when the walk reaches it, and the walk's result is the
+layer's output (the engine skips its own forward). Other layers are re-run from their start
+for each group of linears (:meth:`GPTQStage.collect_hessians`), which gives the same result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -112,9 +119,9 @@ def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != w.shape[1]:
         raise GPTQError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    h = h.to(dtype).clone()
     if not torch.isfinite(h).all():
         raise GPTQError("the Hessian has non-finite entries (inf or NaN calibration activations)")
+    h = h.to(dtype, copy=True)
     w = w.to(dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -132,15 +139,21 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
     if not mean_diag > 0:
         mean_diag = 1.0
     fraction = damp_fraction
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    # n x n float buffers are the stage's largest transients (down_proj: 1536²): keep two live.
+    damped = torch.empty_like(h)
     for attempt in range(12):
         damp = fraction * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + damp * eye)
+        damped.copy_(h).diagonal().add_(damp)
+        chol, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
+            del damped
             hinv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info.item() == 0 and torch.isfinite(upper).all() and (torch.diag(upper) > 0).all():
                 return upper, damp, fraction, attempt
+            damped = torch.empty_like(h)
         fraction *= 10.0
     raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
@@ -221,7 +234,7 @@ def _run_gptq(
     perm = act_order_permutation(h) if act_order != "none" else None
     if perm is not None:
         w = w[:, perm]
-        h = h[perm][:, perm]
+        h = h.index_select(0, perm).index_select(1, perm)
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
         original = perm if perm is not None else torch.arange(columns, device=w.device)
@@ -230,6 +243,7 @@ def _run_gptq(
         group_of = [j // width for j in range(columns)]
 
     hinv, damp, fraction, retries = inverse_cholesky(h, damp_percent)
+    del h
     if retries:
         notes.append(
             f"dampening raised from {damp_percent:g} to {fraction:g} of the mean Hessian diagonal "
@@ -238,7 +252,7 @@ def _run_gptq(
     if dead.any():
         notes.append(f"{int(dead.sum())} dead input column(s) (never active in calibration): weights set to 0")
 
-    codes = torch.zeros(out_features, columns, dtype=torch.float32, device=w.device)
+    codes = torch.empty(out_features, columns, dtype=torch.float32, device=w.device)
     losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
     _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
 
@@ -283,58 +297,68 @@ def _blocked_updates(
     mse: MSEGrid | None,
     block_size: int,
 ) -> None:
-    """The GPTQ sweep over the (permuted) columns of ``w``, in place; fills codes and losses.
+    """The GPTQ sweep over the (permuted) columns of ``w``; fills codes and losses.
 
     With ``fixed_params`` False, a group's scale and zero are computed when its first
     column is reached, from the weights as updated so far.
+
+    Works on Wᵀ: column j of W is then the contiguous row j, so each step's reads, writes
+    and the rank-1 update of the block's remaining columns run on contiguous memory (about
+    3x faster than on strided columns), and each column's codes and error are written in
+    place instead of copied.
     """
     columns = w.shape[1]
     maxq = args.maxq
+    wt = w.T.contiguous()
+    codes_t = torch.empty(columns, w.shape[0], dtype=torch.float32, device=w.device)
     # Per-group parameters as contiguous rows, looked up once per column.
     scales_t = scales.T.contiguous()
     zeros_t = zeros.T.float().contiguous()
+    dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    code_rows, scale_rows, zero_rows = codes_t.unbind(0), scales_t.unbind(0), zeros_t.unbind(0)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2]  # a view: the in-block updates land in wt
         err1 = torch.zeros_like(w1)
-        codes1 = torch.zeros(w.shape[0], i2 - i1, dtype=torch.float32, device=w.device)
         hinv1 = hinv[i1:i2, i1:i2]
         diag = torch.diag(hinv1).tolist()
+        # Row views made once per block: indexing a tensor costs more than the small ops here.
+        w_rows, err_rows, h_rows = w1.unbind(0), err1.unbind(0), hinv1.unbind(0)
         for i in range(i2 - i1):
             j = i1 + i
             g = group_of[j]
             if not fixed_params and j % width == 0:
-                current = _current_group(w, w1, err1, hinv, i1, i2, j, min(j + width, columns))
-                s, z = group_qparams(current, args, mse)
-                scales_t[g], zeros_t[g] = s, z.float()
-            s, z = scales_t[g], zeros_t[g]
-            col = w1[:, i]
+                current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
+                s, z = group_qparams(current.T, args, mse)
+                scales_t[g], zeros_t[g] = s, z.float()  # in place: the row views see it
+            s, z = scale_rows[g], zero_rows[g]
+            col = w_rows[i]
             # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
-            c = torch.div(col.float(), s).round_().add_(z).clamp_(0, maxq)
-            codes1[:, i] = c
-            err = (col - c.sub_(z).mul_(s).to(col.dtype)).div_(diag[i])
-            err1[:, i] = err
+            c = torch.div(col.float(), s, out=code_rows[j]).round_().add_(z).clamp_(0, maxq)
+            q = torch.sub(c, z, out=dequantized).mul_(s)
+            err = torch.sub(col, q, out=err_rows[i]).div_(diag[i])
             # Rank-1 update of the rest of the block (column i itself is done).
-            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)
-        codes[:, i1:i2] = codes1
-        losses += (err1 * err1).sum(dim=1).float() / 2
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
+        losses += (err1 * err1).sum(dim=0).float() / 2
+        wt[i2:] -= hinv[i1:i2, i2:].T @ err1
+    codes.copy_(codes_t.T)
     scales.copy_(scales_t.T)
     zeros.copy_(zeros_t.T.to(torch.int32))
 
 
-def _current_group(w: Tensor, w1: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
-    """Weights of processed columns [start, end) with every update so far applied.
+def _current_group(wt: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
+    """Weights of processed columns [start, end) with every update so far applied, as rows.
 
-    Inside the block they are in ``w1``; past the block, ``w`` still lacks the updates of
-    the block's columns already quantized (applied lazily at the block's end).
+    Inside the block they are up to date in ``wt``; past the block, ``wt`` still lacks the
+    updates of the block's columns already quantized (applied lazily at the block's end).
     """
-    inside = w1[:, start - i1 : min(end, i2) - i1]
+    inside = wt[start : min(end, i2)]
     if end <= i2:
         return inside
     done = start - i1
-    beyond = w[:, i2:end] - err1[:, :done] @ hinv[i1:start, i2:end]
-    return torch.cat([inside, beyond], dim=1)
+    beyond = wt[i2:end] - hinv[i1:start, i2:end].T @ err1[:done]
+    return torch.cat([inside, beyond], dim=0)
 
 
 def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
@@ -357,6 +381,43 @@ def split_rows(qw: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
     return out
 
 
+class PackedCodesWeight(QuantizedWeight):
+    """A :class:`QuantizedWeight` keeping 4-bit codes two to a byte.
+
+    A run holds every linear's record until export: as uint8 codes that is a byte per
+    weight (106 MB on the embedded model, a fifth of the float32 model), half of it waste.
+    ``codes`` unpacks on access (read-only: a write to the unpacked tensor is not kept), so
+    to every consumer this is a QuantizedWeight.
+    """
+
+    @property
+    def codes(self) -> Tensor:
+        packed = self._packed_codes
+        both = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+        return both[:, : self._columns]
+
+    @codes.setter
+    def codes(self, value: Tensor) -> None:
+        if value.dtype != torch.uint8 or value.dim() != 2 or (value.numel() and int(value.max()) > 15):
+            raise GPTQError("packed codes need a 2-D uint8 tensor of 4-bit values")
+        self._columns = value.shape[1]
+        if value.shape[1] % 2:
+            value = torch.nn.functional.pad(value, (0, 1))
+        pairs = value.reshape(value.shape[0], -1, 2)
+        self._packed_codes = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._packed_codes.shape[0], self._columns)
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> QuantizedWeight:
+        """``qw`` with packed codes when it has 4 bits; otherwise ``qw`` itself."""
+        if qw.bits != 4 or isinstance(qw, cls):
+            return qw
+        return cls(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.symmetric, qw.g_idx)
+
+
 def hessian_from_inputs(x: Tensor) -> Tensor:
     """H = 2/n · Σ x xᵀ over the n rows of ``x`` [..., in], in float32."""
     x = x.reshape(-1, x.shape[-1]).float()
@@ -369,28 +430,182 @@ def hessian_from_inputs(x: Tensor) -> Tensor:
 
 
 class HessianAccumulator:
-    """Running Σ x xᵀ (float32) and token count for one input; :meth:`hessian` gives 2/n·Σ."""
+    """Running Σ x xᵀ (float32) and token count for one input; :meth:`hessian` gives 2/n·Σ.
+
+    Only the blocks on and above the diagonal are accumulated (rows in bands of
+    ``band`` features, each against the columns from its own on): the product is
+    symmetric, so this saves up to half the work (a third at 1536 features, where a
+    layer's Hessians cost about as much as its forward), and the mirrored result is
+    exactly symmetric.
+    """
+
+    band = 256
 
     def __init__(self, features: int, device: torch.device):
-        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.sum: Tensor | None = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.T, x)
+        features = x.shape[1]
+        for i in range(0, features, self.band):
+            rows = slice(i, min(i + self.band, features))
+            self.sum[rows, i:].addmm_(x[:, rows].T, x[:, i:])
         self.tokens += x.shape[0]
 
     def hessian(self) -> Tensor:
+        """2/n·Σ x xᵀ; built in the accumulator's own buffer, which it hands over (call once)."""
         if self.tokens == 0:
             raise GPTQError("no calibration tokens reached this linear")
-        return self.sum * (2.0 / self.tokens)
+        if self.sum is None:
+            raise GPTQError("hessian() already taken from this accumulator")
+        h, self.sum = self.sum, None
+        h.triu_()
+        return h.add_(h.triu(diagonal=1).T).mul_(2.0 / self.tokens)
 
 
 class _StopLayer(Exception):
     pass
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_eager_release_set = False
+
+
+def release_freed_memory_eagerly(threshold: int = 1 << 20) -> None:
+    """Have glibc serve blocks from ``threshold`` bytes up by mmap, so that freeing one
+    returns it to the OS at once (Linux/glibc only; elsewhere nothing happens).
+
+    A layer's activations and n x n buffers are several MB each. Under glibc's default
+    (a threshold that adapts up to 32 MiB) they come from the heap, whose freed space stays
+    resident and fragmented: over a 30-layer run that added ~130 MB to the peak RSS of the
+    embedded model. With this, RSS follows the memory really in use (no measurable slowdown).
+    """
+    global _eager_release_set
+    if _eager_release_set or not sys.platform.startswith("linux"):
+        return
+    _eager_release_set = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    except OSError:  # not glibc: leave the allocator alone
+        pass
+
+
+def _first_output(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _first_of_batch(obj, batch: int):
+    """``obj`` (layer arguments) with every tensor of ≥ 2 dims and ``batch`` rows cut to its first."""
+    if isinstance(obj, Tensor):
+        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_of_batch(o, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _first_of_batch(v, batch) for k, v in obj.items()}
+    return obj
+
+
+def _input_of(module: nn.Module, call) -> Tensor:
+    """Run ``call()`` up to the moment ``module`` is called; return that call's input."""
+    seen: list[Tensor] = []
+
+    def pre_hook(mod: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _StopLayer
+
+    handle = module.register_forward_pre_hook(pre_hook)
+    try:
+        call()
+    except _StopLayer:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise GPTQError(f"the forward never reached {type(module).__name__}")
+    return seen[0]
+
+
+def _llama_names(ctx: LayerContext) -> dict[str, str] | None:
+    """Sub-module names of a pre-norm attention + gated-MLP layer, or None if it is not one."""
+    a = ctx.arch
+    seq = a.sequential
+    if len(seq) != 4 or set(seq[0]) != {a.q_proj, a.k_proj, a.v_proj} or seq[1] != (a.o_proj,) or len(seq[3]) != 1:
+        return None
+    if not all(n.startswith(a.mlp + ".") for n in (*seq[2], *seq[3])):
+        return None
+    names = {
+        "input_norm": a.input_norm,
+        "attention": a.attention,
+        "o_proj": a.o_proj,
+        "post_norm": a.post_attention_norm,
+        "mlp": a.mlp,
+        "down": seq[3][0],
+    }
+    try:
+        for n in names.values():
+            ctx.submodule(n)
+    except AttributeError:
+        return None
+    return names
+
+
+class _LlamaWalk:
+    """The forward of a Llama-family decoder layer, cut where GPTQ needs to act:
+
+        x1 = input_norm(h)                     -> q/k/v        (their input)
+        a  = attention(x1) up to o_proj        -> o_proj
+        h1 = h + o_proj(a);  x2 = post_norm(h1) -> gate/up
+        m  = mlp(x2) up to down_proj           -> down_proj
+        out = h1 + down_proj(m)
+
+    Each piece calls the layer's own sub-modules in the layer's order, so the result is the
+    layer's forward (bit for bit on CPU; checked at run time by the stage). ``step(names,
+    inputs)`` is called at each cut with every batch's input, before the walk goes on, so it
+    can quantize those linears and the rest of the walk sees them quantized.
+    """
+
+    def __init__(self, ctx: LayerContext, hidden: list[Tensor], kwargs: list[dict]):
+        names = _llama_names(ctx)
+        if names is None:
+            raise GPTQError(f"{ctx.name} is not a Llama-family layer")
+        self.m = {k: ctx.submodule(v) for k, v in names.items()}
+        self.seq = ctx.arch.sequential
+        self.hidden, self.kwargs = hidden, kwargs
+
+    def run(self, step) -> list[Tensor]:
+        m, seq = self.m, self.seq
+        xs = [m["input_norm"](h) for h in self.hidden]
+        step(seq[0], xs)
+        attn = m["attention"]
+        for i, kw in enumerate(self.kwargs):
+            x = xs[i]
+            xs[i] = _input_of(m["o_proj"], lambda x=x, kw=kw: attn(hidden_states=x, **kw))
+        step(seq[1], xs)
+        # residual + attention output, as the layer adds them.
+        residual = [h + m["o_proj"](a) for h, a in zip(self.hidden, xs, strict=True)]
+        xs = [m["post_norm"](r) for r in residual]
+        step(seq[2], xs)
+        mlp = m["mlp"]
+        for i in range(len(xs)):
+            x = xs[i]
+            xs[i] = _input_of(m["down"], lambda x=x: mlp(x))
+        step(seq[3], xs)
+        out = []
+        for i in range(len(xs)):
+            out.append(residual[i] + m["down"](xs[i]))
+            xs[i] = residual[i] = None  # free as we go: the outputs replace them
+        return out
+
+
 class GPTQStage(QuantizingStage):
+    """GPTQ on the layer-by-layer engine: Hessians of each linear's inputs, in true-sequential
+    order (each group of linears sees the earlier ones quantized), shared by linears that
+    read the same input (q/k/v, gate/up: one stacked GPTQ run)."""
+
     name = "gptq"
     needs_calibration = True
 
@@ -410,6 +625,9 @@ class GPTQStage(QuantizingStage):
         self.act_order = act_order
         self.mse = MSEGrid() if mse else None
         self.true_sequential = true_sequential
+        # One-pass true-sequential for Llama-family layers; False forces the re-running method.
+        self.stepwise = True
+        self._stepwise_ok: dict[type, bool] = {}
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
 
@@ -426,6 +644,10 @@ class GPTQStage(QuantizingStage):
         )
 
     def apply_layer(self, ctx: LayerContext) -> None:
+        release_freed_memory_eagerly()
+        if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
+            self._apply_layer_stepwise(ctx)
+            return
         steps = ctx.arch.sequential if self.true_sequential else (ctx.arch.linears,)
         for names in steps:
             targets = list(self.targets(ctx, names))
@@ -440,6 +662,55 @@ class GPTQStage(QuantizingStage):
                 shared.setdefault(id(hessians[short]), []).append((short, module))
             for members in shared.values():
                 self.quantize_linears(ctx.name, members, hessians[members[0][0]])
+
+    # -- true-sequential in one pass (Llama-family layers) ------------------------------
+
+    def _stepwise_fits(self, ctx: LayerContext) -> bool:
+        """Whether the layer is a pre-norm Llama-family block the one-pass walk reproduces.
+
+        Checked once per layer class: the walk (without quantizing) must give the layer's own
+        output on the first batch; otherwise the re-running method is used, with a note.
+        """
+        key = type(ctx.layer)
+        if key not in self._stepwise_ok:
+            self._stepwise_ok[key] = _llama_names(ctx) is not None and self._walk_matches_forward(ctx)
+            if not self._stepwise_ok[key]:
+                message = f"{key.__name__}: true-sequential re-runs the layer (step-by-step walk not applicable)"
+                self.notes.append(message)
+                log.info(message)
+        return self._stepwise_ok[key]
+
+    @torch.no_grad()
+    def _walk_matches_forward(self, ctx: LayerContext) -> bool:
+        # The first window is enough to tell; its batch's other arguments cut to match.
+        hidden, kwargs = ctx.inputs.hidden[0], ctx.inputs.kwargs[0]
+        if hidden.shape[0] > 1:
+            hidden, kwargs = hidden[:1], _first_of_batch(kwargs, hidden.shape[0])
+        try:
+            walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
+        except Exception as e:  # any mismatch in structure means: use the general method
+            log.info("step-by-step walk failed on %s: %s", type(ctx.layer).__name__, e)
+            return False
+        expected = _first_output(ctx.layer(hidden, **kwargs))
+        return walked.shape == expected.shape and torch.allclose(walked, expected, rtol=1e-5, atol=1e-6)
+
+    @torch.no_grad()
+    def _apply_layer_stepwise(self, ctx: LayerContext) -> None:
+        """True-sequential at the cost of one layer forward: the layer is walked sub-block by
+        sub-block, each sub-block's input kept, so every group of linears is quantized before
+        the forward reaches it and no part of the layer runs twice. The walk's end result is
+        the quantized layer's output, handed to the engine (which then skips its forward)."""
+
+        def quantize_step(names: tuple[str, ...], xs: list[Tensor]) -> None:
+            targets = list(self.targets(ctx, names))
+            if not targets:
+                return
+            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
+            for x in xs:
+                acc.add(x)
+            self.quantize_linears(ctx.name, targets, acc.hessian())
+
+        ctx.outputs = _LlamaWalk(ctx, ctx.inputs.hidden, ctx.inputs.kwargs).run(quantize_step)
 
     def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
         weights = [module.weight.data for _, module in members]
@@ -460,7 +731,7 @@ class GPTQStage(QuantizingStage):
         self.losses[label] = result.loss
         parts = split_rows(result.qweight, [w.shape[0] for w in weights])
         for (short, module), qw in zip(members, parts, strict=True):
-            self.record(f"{prefix}.{short}", module, qw)
+            self.record(f"{prefix}.{short}", module, PackedCodesWeight.of(qw))
 
     @torch.no_grad()
     def collect_hessians(self, ctx: LayerContext, names: list[str]) -> dict[str, Tensor]:

@@ -166,7 +166,9 @@ class Runtime:
         t0 = self.clock()
         with torch.inference_mode():
             model.slice_kv = True
-            logits = model(tokens, torch.arange(length, device=self.device))
+            # Every position at once: a decode step takes a view instead of building a tensor.
+            positions = torch.arange(length + max_new_tokens, device=self.device)
+            logits = model(tokens, positions[:length])
             next_ids = sample(logits[:, -1], params, generator)
             _sync(self.device)
             t1 = self.clock()
@@ -191,7 +193,9 @@ class Runtime:
                                              done[0] or step == max_new_tokens - 1, hold)
                 if all(done) or step == max_new_tokens - 1:
                     break
-                pos = torch.tensor([length + step], device=self.device)
+                at = length + step
+                # The compiled step gets a fresh tensor, as before (CUDA graphs copy their inputs).
+                pos = positions[at : at + 1] if self._decode is None else torch.tensor([at], device=self.device)
                 logits = self._step(next_ids.view(batch, 1), pos)
                 next_ids = sample(logits[:, -1], params, generator)
                 result.decode_steps += 1

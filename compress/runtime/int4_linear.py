@@ -26,6 +26,7 @@ Shapes the kernels cannot take directly are adapted at load, never per call wher
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -212,8 +213,34 @@ class Int4Linear(nn.Module):
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
+    def as_function(self, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """``forward`` for 2-D contiguous inputs of ``dtype``, with the per-call work done once.
+
+        On a small model's decode step the Python around the kernel (attribute look-ups, reshapes,
+        no-op casts) costs a third of the kernel itself; the closure keeps only the kernel call.
+        Layouts needing a gather or padding, and other back ends, return ``forward`` itself.
+        The buffers are captured: build it again after moving the module.
+        """
+        plain = self.backend == "cpu" and self.perm is None and not self.k_pad and self.n_padded == self.out_features
+        if not plain:
+            return self.forward
+        mm, packed, group, sz, bias = _CPU_INT4_MM, self.packed, self.group, self.scales_and_zeros, self.bias
+        if dtype == self.compute_dtype and bias is None:
+            return lambda x: mm(x.contiguous(), packed, group, sz)  # contiguous: free when it already is
+        compute = self.compute_dtype
+
+        def matmul(x: Tensor) -> Tensor:
+            y = mm(x.to(compute).contiguous(), packed, group, sz).to(dtype)
+            return y if bias is None else y + bias
+
+        return matmul
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, backend={self.backend}"
+
+
+# The plain function skips the operator-overload dispatch in Python (a few microseconds per call).
+_CPU_INT4_MM = getattr(torch, "_weight_int4pack_mm_for_cpu", None) or torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -10,11 +10,18 @@ speculative rollback is nothing more than writing the next tokens over the same 
 Linears are plain ``nn.Linear`` here; the loader swaps in int4 linears. q/k/v and
 gate/up are fused into one linear each (one kernel call instead of three or two).
 Weights use the Hugging Face layout (rotate-half RoPE), so checkpoints load unchanged.
+
+On CPU the eager forward is ``Transformer._forward_fast``: the same computation as the modules
+with the per-operator overhead of a small model's decode step cut (a 135M model's step is
+~30 layers x ~40 small operators around 4 int4 kernel calls each), and a float32 KV cache for
+16-bit models (attention in float32 over the same rounded values). The module forward stays
+the path on CUDA (and under torch.compile), and the oracle the fast path is tested against.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -155,8 +162,8 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
+        self.k_cache[:, :, input_pos] = k.to(self.k_cache.dtype)
+        self.v_cache[:, :, input_pos] = v.to(self.v_cache.dtype)
         return self.k_cache, self.v_cache
 
 
@@ -199,9 +206,10 @@ class Attention(nn.Module):
                 mask = mask[..., :kv_len]
         # Without a mask: one query sees every key; a prefill from position 0 is plain causal.
         causal = mask is None and seqlen > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        # A float32 cache (CPU, 16-bit model) holds the same rounded keys and values; attention runs in it.
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_heads != self.n_kv)
-        y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
+        y = y.transpose(1, 2).reshape(bsz, seqlen, q_size).to(x.dtype)
         return self.wo(y)
 
 
@@ -243,6 +251,10 @@ class Transformer(nn.Module):
         # Set by the caller: eager runs slice attention to the filled prefix; a compiled
         # decode step keeps static shapes and attends over the whole (masked) cache.
         self.slice_kv = True
+        # The streamlined eager forward (_forward_fast); None: on CPU only (CUDA keeps the module path,
+        # whose compiled step is what CUDA runs fast). False forces the module path (the tests' oracle).
+        self.fast_path: bool | None = None
+        self._plan: tuple[list[tuple], Callable[[Tensor], Tensor]] | None = None
         self.windowed = False
         self.register_buffer("rope", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
@@ -264,10 +276,14 @@ class Transformer(nn.Module):
             )
         if max_batch == self.max_batch and max_len == self.max_len:
             self.set_padding(None)
+            self._plan = None
             return  # keep the buffers: a compiled step and its CUDA graphs hold on to them
         a = self.args
+        self._plan = None  # rebuilt from the current modules on the next forward
+        cache_dtype = cache_dtype_for(self.dtype, self.device)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+            layer.attention.kv_cache = KVCache(max_batch, a.num_kv_heads, max_len, a.head_dim, cache_dtype,
+                                               self.device)
         self.max_batch, self.max_len = max_batch, max_len
         self.rope = rope_table(a, max_len).to(self.device, self.dtype)
         mask = torch.ones(max_len, max_len, dtype=torch.bool, device=self.device).tril()
@@ -311,8 +327,131 @@ class Transformer(nn.Module):
                 mask = self.attention_mask(input_pos)
         else:
             mask = self.attention_mask(input_pos)
+        if self.slice_kv and (self.fast_path if self.fast_path is not None else self.device.type == "cpu"):
+            return self._forward_fast(tokens, input_pos, mask, kv_len)
         rope = self.rope[input_pos]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos, kv_len)
         return self.output(self.norm(x)).float()
+
+    # -- the streamlined eager forward ---------------------------------------------------
+    # The same computation as the modules above with a decode step's per-operator overhead cut:
+    # activations stay 2-D [tokens, features] (the kernels' shape), each linear is a prebuilt closure,
+    # a layer's tensors are unpacked from a tuple built once, no module calls, in-place residual adds,
+    # and a decode step writes its one cache position with a slice copy instead of an index_put.
+
+    def _build_plan(self) -> tuple[list[tuple], Callable[[Tensor], Tensor]]:
+        """Per layer: its norms and linears as closures and its cache tensors; then the final norm + head."""
+        dtype = self.dtype
+        layers = []
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            layers.append((
+                _norm_fn(layer.attention_norm, dtype), _linear_fn(attn.wqkv, dtype), _linear_fn(attn.wo, dtype),
+                _norm_fn(layer.ffn_norm, dtype), _linear_fn(ffn.w13, dtype), _linear_fn(ffn.w2, dtype),
+                attn.kv_cache.k_cache, attn.kv_cache.v_cache,
+            ))
+        norm, output = _norm_fn(self.norm, dtype), _linear_fn(self.output, dtype)
+        return layers, lambda x: output(norm(x))
+
+    def _forward_fast(self, tokens: Tensor, input_pos: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
+        if self._plan is None:
+            self._plan = self._build_plan()
+        layers, head = self._plan
+        a = self.args
+        bsz, seqlen = tokens.shape
+        heads, kv_heads, head_dim = a.num_heads, a.num_kv_heads, a.head_dim
+        qk_size = (heads + kv_heads) * head_dim
+        q_size = heads * head_dim
+        rope = self.rope[input_pos]  # [T, 2, D], broadcast over [B, heads, T, D]
+        cos, signed_sin = rope[:, 0], rope[:, 1]
+        half = head_dim // 2
+        one_pos = int(input_pos[0]) if seqlen == 1 else None
+        causal = mask is None and seqlen > 1
+        if mask is not None:
+            mask = mask[..., :kv_len]
+        gqa = heads != kv_heads
+        inter = a.intermediate_size
+        x = F.embedding(tokens.reshape(-1), self.tok_embeddings.weight)  # [B*T, H], a fresh tensor
+        for norm1, wqkv, wo, norm2, w13, w2, k_cache, v_cache in layers:
+            qkv = wqkv(norm1(x))
+            # Heads as [B, heads, T, D]; RoPE on queries and keys together, in the model's dtype
+            # (as transformers rounds it). One token: [B, heads, 1, D] is a plain view, no transpose.
+            if one_pos is not None:
+                qk = qkv[:, :qk_size].view(bsz, heads + kv_heads, 1, head_dim)
+                v = qkv[:, qk_size:].view(bsz, kv_heads, 1, head_dim)
+            else:
+                qk = qkv[:, :qk_size].view(bsz, seqlen, heads + kv_heads, head_dim).transpose(1, 2)
+                v = qkv[:, qk_size:].view(bsz, seqlen, kv_heads, head_dim).transpose(1, 2)
+            qk = (qk * cos + qk.roll(half, dims=-1) * signed_sin).to(k_cache.dtype)
+            q, k = qk[:, :heads], qk[:, heads:]
+            if one_pos is not None:
+                k_cache[:, :, one_pos : one_pos + 1].copy_(k)
+                v_cache[:, :, one_pos : one_pos + 1].copy_(v)
+            else:
+                k_cache[:, :, input_pos] = k
+                v_cache[:, :, input_pos] = v.to(v_cache.dtype)
+            y = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
+                                               is_causal=causal, enable_gqa=gqa)
+            y = y.view(bsz, q_size) if one_pos is not None else y.transpose(1, 2).reshape(bsz * seqlen, q_size)
+            x.add_(wo(y.to(x.dtype)))
+            gate_up = w13(norm2(x))
+            x.add_(w2(F.silu(gate_up[:, :inter]) * gate_up[:, inter:]))
+        return head(x).view(bsz, seqlen, -1).float()
+
+
+def cache_dtype_for(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: float32 on CPU for a 16-bit model, else the model's.
+
+    The cached values are the same (rounded to the model's dtype before they are stored); only
+    attention runs in float32, where the CPU's attention kernel is several times faster than in
+    bfloat16 for one query. CUDA keeps the model's dtype.
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
+def _norm_fn(norm: RMSNorm, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """RMSNorm as a closure; float32: torch's fused op with the weight (equal to weight · norm)."""
+    weight, eps, dim = norm.weight, norm.eps, norm.weight.shape[-1]
+    if dtype == torch.float32:
+        return lambda x: F.rms_norm(x, (dim,), weight, eps)
+    return lambda x: weight * F.rms_norm(x.float(), (dim,), eps=eps).to(dtype)
+
+
+def _linear_fn(module: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """A linear of 2-D inputs as a closure (an Int4Linear's kernel call, or F.linear)."""
+    as_function = getattr(module, "as_function", None)
+    if as_function is not None:
+        return as_function(dtype)
+    if type(module) is not nn.Linear:
+        return module
+    weight, bias = module.weight, module.bias
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu":
+        return lambda x: _bf16_linear_cpu(x, weight, bias)
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _bf16_linear_cpu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """bfloat16 F.linear on CPU; one or two rows skip oneDNN, whose bfloat16 matrix-vector product
+    takes about twice as long as ATen's for the (memory-bound) output layer; both accumulate in float32.
+
+    The switch is process-wide for the duration of the call: another thread's bfloat16 matmul at
+    that moment may also run without oneDNN, and two threads in here at once can leave it off
+    (slower many-row bfloat16 matmuls afterwards, same results).
+    """
+    if x.shape[0] > 2 or _set_mkldnn is None:
+        return F.linear(x, weight, bias)
+    # Only the one switch (torch.backends.mkldnn.flags also resets the TF32 and precision settings).
+    previous = _get_mkldnn()
+    _set_mkldnn(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        _set_mkldnn(previous)
+
+
+_get_mkldnn = getattr(torch._C, "_get_mkldnn_enabled", None)
+_set_mkldnn = getattr(torch._C, "_set_mkldnn_enabled", None) if _get_mkldnn is not None else None

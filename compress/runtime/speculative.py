@@ -14,6 +14,12 @@ rolled back: we only remember how many positions of each cache are valid.
 
 Drafts: another model (``ModelDraft``, any step), or prompt lookup (``PromptLookupDraft``,
 n-gram matches against the text so far, no model). Batch size 1.
+
+What makes it pay on a CPU (``generate_runtime``): the target's float32 linears are packed once
+for oneDNN (``pack_for_verification``), so verifying k + 1 tokens costs about one decode step
+(ATen's matmul took twice that for 2-9 rows); and a draft of the target's shape (a self-draft)
+takes the target's keys and values instead of computing its own (``ModelDraft(kv_source=...)``):
+no draft prefill, and it agrees with the target far more often.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from compress.runtime.sampling import SamplingParams, logits_to_probs
 
@@ -122,13 +129,21 @@ class ModelDraft:
     ``valid`` counts the leading positions whose cache entries hold final tokens; each propose
     first feeds the tokens from there on (the whole prompt the first time), then k - 1 single
     tokens. Stale entries after a rejection are overwritten by that catch-up feed.
+
+    ``kv_source``: the target model, when the draft has its shape (a self-draft: same layers,
+    KV heads and head size). Instead of computing keys and values for the prompt and the accepted
+    tokens itself, the draft copies the target's, which the target computed anyway: the draft's
+    prefill (on CPU nearly the target's own cost) disappears, and the draft conditions on the
+    target's exact context. Only the proposal changes, never the output.
     """
 
-    def __init__(self, step: Step, device: torch.device | str = "cpu"):
+    def __init__(self, step: Step, device: torch.device | str = "cpu", kv_source: nn.Module | None = None):
         self.step = step
         self.device = torch.device(device)
         self.valid = 0
         self.passes = 0
+        self.kv_source = kv_source
+        self.copied = 0  # positions taken from kv_source
 
     def reset(self) -> None:
         self.valid = 0
@@ -143,6 +158,11 @@ class ModelDraft:
         if k <= 0:
             return [], None
         n = len(tokens)
+        # The target's cache holds final entries for every position but the last token's.
+        if self.kv_source is not None and n - 1 > self.valid:
+            copy_kv(self.kv_source, self.step, self.valid, n - 1)
+            self.copied += n - 1 - self.valid
+            self.valid = n - 1
         logits = self._logits(tokens[self.valid :], self.valid)
         out: list[int] = []
         dists: list[Tensor] = []
@@ -161,6 +181,35 @@ class ModelDraft:
 
     def keep(self, valid: int) -> None:
         self.valid = min(self.valid, valid)
+
+
+def _kv_caches(model: nn.Module) -> list[tuple[Tensor, Tensor]] | None:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return None
+    caches = [getattr(layer.attention, "kv_cache", None) for layer in layers]
+    if any(c is None for c in caches):
+        return None
+    return [(c.k_cache, c.v_cache) for c in caches]
+
+
+def kv_compatible(target: nn.Module, draft: nn.Module) -> bool:
+    """Whether ``draft`` can take ``target``'s keys and values: same layers, KV heads, head size, positions."""
+    t, d = getattr(target, "args", None), getattr(draft, "args", None)
+    if t is None or d is None:
+        return False
+    same = ("num_layers", "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "sliding_window")
+    return all(getattr(t, f) == getattr(d, f) for f in same)
+
+
+def copy_kv(source: nn.Module, dest: nn.Module, start: int, stop: int) -> None:
+    """Copy cache positions [start, stop) of every layer from ``source`` to ``dest`` (casting the dtype)."""
+    src, dst = _kv_caches(source), _kv_caches(dest)
+    if src is None or dst is None or len(src) != len(dst):
+        raise ValueError("copy_kv needs two runtime models with set-up caches and the same number of layers")
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        dk[:, :, start:stop].copy_(sk[:, :, start:stop])
+        dv[:, :, start:stop].copy_(sv[:, :, start:stop])
 
 
 def prompt_lookup(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
@@ -365,16 +414,109 @@ class _NoDraft:
         pass
 
 
+# --------------------------------------------------------------------------- a verify pass at one step's cost
+
+# Rows up to which a packed linear runs: a verification pass has k + 1 <= 17 rows; longer inputs
+# (a prefill) keep F.linear.
+PACKED_MAX_ROWS = 16
+# The row count the weights are packed for: oneDNN picks one blocked layout for any count from 4 up
+# (measured alike for 2 to 13 rows), so one packing serves every k and adaptive k never repacks.
+PACK_ROWS = 8
+
+
+def packed_linear_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (CPU builds with MKL-DNN)."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """A float linear that also holds its weight in oneDNN's blocked layout, for passes of a few rows.
+
+    On CPU, ATen's float32 matmul repacks the weight on every call: 2 to 9 rows cost about twice a
+    one-row step, so verifying k draft tokens cost two decode steps. Packed once, k + 1 rows cost
+    about one step (the weights are read once either way). One row (plain decoding) and long inputs
+    (a prefill) keep ``F.linear``: those passes compute exactly what the unpacked model computes.
+    ``weight`` and ``bias`` are the original tensors (shared, e.g. a head tied to the embedding).
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rows = rows
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 1 or x2.shape[0] > PACKED_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self.packed, self.bias, "none", [], "")
+        return y.view(*shape[:-1], self.out_features)
+
+    def as_function(self, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+        """The forward of 2-D inputs as a closure (the runtime's streamlined forward takes these)."""
+        weight, bias, packed, linear, pointwise = self.weight, self.bias, self.packed, F.linear, \
+            torch.ops.mkldnn._linear_pointwise
+
+        def fn(x: Tensor) -> Tensor:
+            rows = x.shape[0]
+            if rows == 1 or rows > PACKED_MAX_ROWS:
+                return linear(x, weight, bias)
+            return pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+        return fn
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, packed for {self.rows} rows"
+
+
+def _model_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(holder, attribute) of every linear of a runtime Transformer: per layer q/k/v, o, gate/up, down; the head."""
+    slots = []
+    for layer in model.layers:
+        slots += [(layer.attention, "wqkv"), (layer.attention, "wo"),
+                  (layer.feed_forward, "w13"), (layer.feed_forward, "w2")]
+    return [*slots, (model, "output")]
+
+
+def pack_for_verification(model: nn.Module, rows: int) -> int:
+    """Swap the float linears of a CPU runtime model for ``PackedLinear`` packed for ``rows`` rows.
+
+    In place and idempotent; float32 linears only (int4 and 16-bit ones are left alone). Returns
+    how many linears were (re)packed. No-op on CUDA or without oneDNN.
+    """
+    device = getattr(model, "device", torch.device("cpu"))
+    if torch.device(device).type != "cpu" or not packed_linear_available():
+        return 0
+    count = 0
+    for holder, name in _model_linears(model):
+        module = getattr(holder, name)
+        if isinstance(module, PackedLinear) and module.rows == rows:
+            continue
+        if not isinstance(module, (nn.Linear, PackedLinear)) or module.weight.dtype != torch.float32:
+            # int4 linears (their kernel packs once already); 16-bit ones, whose one-row path the
+            # runtime routes around oneDNN (a packed module would not keep that path bit for bit).
+            continue
+        setattr(holder, name, PackedLinear(module, rows))
+        count += 1
+    if count and hasattr(model, "_plan"):
+        model._plan = None  # the runtime's streamlined forward rebuilds its closures from the new modules
+    return count
+
+
 # --------------------------------------------------------------------------- runtime glue and CLI
 
 PROMPT_LOOKUP = ("prompt-lookup", "lookup")
 
 
-def open_draft(spec: str, target, backend: str = "auto", head: str = "float"):
+def open_draft(spec: str, target, backend: str = "auto", head: str = "float", share_kv: bool = True):
     """(draft, draft runtime or None, description) for ``--draft``: a checkpoint or 'prompt-lookup'.
 
     ``head='int4'`` quantizes the draft's float output layer at load: a fifth of a small model's
     weights, and a draft only has to be fast and agree often (the output stays exact).
+    ``share_kv``: a draft of the target's shape takes the target's keys and values (meant for
+    drafts built from the target; an unrelated model of the same shape is better off without).
     """
     from compress.runtime.errors import RuntimeInputError
 
@@ -387,7 +529,9 @@ def open_draft(spec: str, target, backend: str = "auto", head: str = "float"):
     except ValueError as e:  # a back end that cannot run on the device
         raise RuntimeInputError(str(e)) from e
     check_same_vocabulary(target, draft_rt)
-    return ModelDraft(draft_rt.model, target.device), draft_rt, f"draft {spec} ({draft_rt.info.quant_format})"
+    source = target.model if share_kv and kv_compatible(target.model, draft_rt.model) else None
+    description = f"draft {spec} ({draft_rt.info.quant_format}{', target KV' if source is not None else ''})"
+    return ModelDraft(draft_rt.model, target.device, kv_source=source), draft_rt, description
 
 
 def check_same_vocabulary(target, draft) -> None:
@@ -431,9 +575,12 @@ def generate_runtime(
     k_max = 2 * k if adaptive else k
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     length = cache_length(len(prompt_ids), max_new_tokens, k_max, context)
+    # Verify passes (k + 1 tokens), and a model draft's catch-up feeds (2 tokens), on packed weights.
+    pack_for_verification(target.model, PACK_ROWS)
     target.model.setup_caches(1, length)
     target.model.slice_kv = True
     if draft_rt is not None:
+        pack_for_verification(draft_rt.model, PACK_ROWS)
         draft_rt.model.setup_caches(1, length)
         draft_rt.model.slice_kv = True
     generator = torch.Generator().manual_seed(seed)
@@ -464,7 +611,8 @@ def cli_generate(args, llm) -> int:
     adaptive = bool(getattr(args, "speculate_adaptive", False))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     backend = "cpu" if args.backend == "kernel" and llm.device.type == "cpu" else args.backend
-    draft, draft_rt, description = open_draft(args.draft, llm, backend, getattr(args, "draft_head", "float"))
+    share_kv = getattr(args, "draft_kv", "target") == "target"
+    draft, draft_rt, description = open_draft(args.draft, llm, backend, getattr(args, "draft_head", "float"), share_kv)
     ids = llm.encode(args.prompt, args.chat)
     if not ids:
         raise RuntimeInputError("empty prompt")
