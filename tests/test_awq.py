@@ -240,12 +240,12 @@ def test_awq_rtn_beats_rtn_on_embedded_model():
 
     loaded = models.load("smollm2")
     corpus = data.load_corpus("wiki")
-    calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, 4, 256, seed=0)
-    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=8)
+    calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, 2, 256, seed=0)
+    windows = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, 256, max_windows=4)
     args = QuantArgs(4, 128, True)
     ppl = {}
     # Coarse-to-fine α on a 512-token search subsample, no clip search: short on a shared CPU.
-    stage = awq.AWQStage(args, coarse_step=4, clip=False, search_tokens=512)
+    stage = awq.AWQStage(args, grid=10, coarse_step=4, clip=False, search_tokens=512)
     for name, chain in (("rtn", []), ("awq", [stage])):
         m = copy.deepcopy(loaded.model)
         run_layerwise(m, loaded.arch, calib, [*chain, RTNStage(args)], progress=False)
