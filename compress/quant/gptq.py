@@ -670,6 +670,8 @@ class GPTQStage(QuantizingStage):
         self.true_sequential = true_sequential
         # One-pass true-sequential for Llama-family layers; False forces the re-running method.
         self.stepwise = True
+        # Windows at a time for the MLP up to down_proj in the walk (None: whole batches).
+        self.mlp_chunk: int | None = 1
         self._stepwise_ok: dict[type, bool] = {}
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
@@ -753,7 +755,9 @@ class GPTQStage(QuantizingStage):
                 acc.add(x)
             self.quantize_linears(ctx.name, targets, acc.hessian())
 
-        walk = _LlamaWalk(ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable)
+        walk = _LlamaWalk(
+            ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
+        )
         ctx.outputs = walk.run(quantize_step)
 
     def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
