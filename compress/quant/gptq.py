@@ -137,8 +137,8 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
     until it succeeds. Returns (U, λ, the fraction used, retries). ``h`` is damped in place:
     its diagonal is left with λ added (the caller's copy is spent).
     """
+    mean_diag = torch.diag(h).mean().item()  # a contiguous copy: the strided view sums in another order
     diag = h.diagonal()
-    mean_diag = diag.mean().item()
     if not mean_diag > 0:
         mean_diag = 1.0
     fraction = damp_fraction
