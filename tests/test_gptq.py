@@ -425,6 +425,17 @@ def test_overwrite_hessian_gives_the_same_result_and_plain_runs_leave_it_alone()
         assert torch.equal(plain.qweight.codes, over.qweight.codes) and plain.loss == over.loss
 
 
+def test_dampening_is_the_fraction_of_the_mean_diagonal_exactly():
+    # The mean taken over a contiguous copy of the diagonal, as before the in-place dampening:
+    # a strided view sums in another order and moves λ (hence every result) by an ulp.
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(4):
+        x = torch.randn(300, 1536, generator=gen) * torch.rand(1536, generator=gen) * 3
+        h = hessian_from_inputs(x)
+        result = run_gptq(torch.randn(2, 1536, generator=gen), h, QuantArgs(4, 64, True), act_order="none")
+        assert result.damp == 0.01 * torch.diag(h).mean().item(), trial
+
+
 def test_walk_is_the_layer_forward_and_falls_back_when_it_is_not():
     from compress.calibrate import LayerContext, capture_layer_inputs
     from compress.quant.gptq import _LlamaWalk
