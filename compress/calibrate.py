@@ -114,6 +114,11 @@ class LayerContext:
     # the way (GPTQ's step-by-step pass): the engine then skips its own forward. Reset before
     # each stage, so only the last stage's (still valid) outputs are used.
     outputs: list[Tensor] | None = None
+    # True while the running stage is the layer's last: it may then drop entries of
+    # ``inputs.hidden`` once used (a list of the layer's own, which nothing else reads after
+    # the last stage), provided it sets ``outputs``. Lets a stage free the layer's inputs at
+    # its largest working set instead of keeping them to the end.
+    inputs_disposable: bool = False
 
     def submodule(self, name: str) -> nn.Module:
         return get_module(self.layer, name)
@@ -170,14 +175,22 @@ def run_layerwise(
     bar = tqdm(range(start_layer, len(layers)), desc="layers", disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i].to(device)
-        ctx = LayerContext(i, f"{arch.layers_path}.{i}", layer, arch, model.config, inputs, device, model)
+        # The context gets its own list of the hidden states (a stage may drop its entries),
+        # and the engine keeps no other reference to those it made itself.
+        kwargs = inputs.kwargs
+        own_inputs = LayerInputs(list(inputs.hidden), kwargs)
+        del inputs
+        ctx = LayerContext(i, f"{arch.layers_path}.{i}", layer, arch, model.config, own_inputs, device, model)
+        del own_inputs
         for stage in stages:
             bar.set_postfix_str(stage.name)
             ctx.outputs = None
+            ctx.inputs_disposable = stage is stages[-1]
             stage.apply_layer(ctx)
         # The compressed layer's outputs feed the next layer.
-        outputs = ctx.outputs if ctx.outputs is not None else ctx.forward()
-        inputs = LayerInputs(outputs, inputs.kwargs)
+        inputs = LayerInputs(ctx.outputs if ctx.outputs is not None else ctx.forward(), kwargs)
+        ctx.inputs.hidden.clear()
+        ctx.outputs = None
         layers[i].to(home)
         if on_layer_done is not None:
             on_layer_done(i, inputs)

@@ -38,6 +38,7 @@ JOBS = {
     "ours-sym-noact": "our GPTQ w4 g{g} sym, act-order off",
     "ours-sym-gidx": "our GPTQ w4 g{g} sym, act-order with g_idx",
     "ours-sym-seq-off": "our GPTQ w4 g{g} sym, act-order static, true-sequential off",
+    "ours-asym-seq-off": "our GPTQ w4 g{g} asym, act-order static, true-sequential off (as the peer)",
     "peer-sym": "llm-compressor GPTQModifier w4 g{g} sym (actorder static)",
     "peer-asym": "llm-compressor GPTQModifier w4 g{g} asym (actorder static)",
 }
@@ -64,7 +65,7 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     loaded = models.load("smollm2", "float32", "cpu")
     model = loaded.model
     rss_loaded = peak_rss_bytes()
-    symmetric = not job.endswith("asym")
+    symmetric = "-asym" not in job
     info: dict = {"job": job, "threads": torch.get_num_threads()}
 
     t = time.perf_counter()

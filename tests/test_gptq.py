@@ -375,6 +375,67 @@ def test_one_pass_true_sequential_equals_rerunning_the_layer(model_type, ignore)
         assert torch.equal(a, b)
 
 
+class _NoStage:
+    name = "none"
+
+    def apply_layer(self, ctx) -> None:
+        pass
+
+
+def test_walk_memory_savers_change_nothing():
+    """MLP window by window and the layer inputs dropped early (the memory-lean walk) give the
+    records and outputs of whole-batch MLP with the inputs kept, bit for bit; the engine leaves
+    inputs handed in by its caller intact; a stage that is not last may not drop them."""
+    from compress.calibrate import capture_layer_inputs
+
+    windows = _calibration(seed=3, n=6)
+    results = []
+    for chunk in (1, 2, None):
+        model = make_tiny_model(layers=2)
+        arch = arch_for(model)
+        stage = GPTQStage(QuantArgs(4, 32, False), ["lm_head"])
+        stage.mlp_chunk = chunk
+        inputs = capture_layer_inputs(model, arch, windows, 4, "cpu")
+        given = list(inputs.hidden)
+        stages_ = [stage] if chunk is not None else [stage, _NoStage()]
+        outputs = run_layerwise(model, arch, windows, stages_, batch_size=4, progress=False, inputs=inputs)
+        assert len(inputs.hidden) == len(given) and all(a is b for a, b in zip(inputs.hidden, given, strict=True))
+        results.append((stage.quantized, outputs.hidden))
+    reference, reference_out = results[-1]
+    for quantized, out in results[:-1]:
+        assert quantized.keys() == reference.keys() and len(quantized) == 14
+        for name in quantized:
+            for field_ in ("codes", "scales", "zeros"):
+                assert torch.equal(getattr(quantized[name], field_), getattr(reference[name], field_)), (name, field_)
+        for a, b in zip(out, reference_out, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_overwrite_hessian_gives_the_same_result_and_plain_runs_leave_it_alone():
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(24, 96, generator=gen)
+    x = torch.randn(400, 96, generator=gen) @ torch.randn(96, 96, generator=gen)
+    h = hessian_from_inputs(x)
+    kept = h.clone()
+    for act_order in ("static", "none"):
+        plain = run_gptq(w, h, QuantArgs(4, 32, False), act_order=act_order)
+        assert torch.equal(h, kept)
+        spent = h.clone()
+        over = run_gptq(w, spent, QuantArgs(4, 32, False), act_order=act_order, overwrite_hessian=True)
+        assert torch.equal(plain.qweight.codes, over.qweight.codes) and plain.loss == over.loss
+
+
+def test_dampening_is_the_fraction_of_the_mean_diagonal_exactly():
+    # The mean taken over a contiguous copy of the diagonal, as before the in-place dampening:
+    # a strided view sums in another order and moves λ (hence every result) by an ulp.
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(4):
+        x = torch.randn(300, 1536, generator=gen) * torch.rand(1536, generator=gen) * 3
+        h = hessian_from_inputs(x)
+        result = run_gptq(torch.randn(2, 1536, generator=gen), h, QuantArgs(4, 64, True), act_order="none")
+        assert result.damp == 0.01 * torch.diag(h).mean().item(), trial
+
+
 def test_walk_is_the_layer_forward_and_falls_back_when_it_is_not():
     from compress.calibrate import LayerContext, capture_layer_inputs
     from compress.quant.gptq import _LlamaWalk

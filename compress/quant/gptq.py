@@ -114,14 +114,15 @@ def rtn_quantize(w: Tensor, args: QuantArgs, mse: MSEGrid | None = None) -> Quan
     return int4.quantize(w, args, qparams=lambda cols, a: group_qparams(cols, a, mse))
 
 
-def prepare_hessian(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Copies of H (float, dead diagonal set to 1) and W (dead columns zeroed), and the dead mask."""
+def prepare_hessian(h: Tensor, w: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """H (float, dead diagonal set to 1; a copy unless ``overwrite``), a copy of W (dead columns
+    zeroed), and the dead mask."""
     if h.dim() != 2 or h.shape[0] != h.shape[1] or h.shape[0] != w.shape[1]:
         raise GPTQError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     if not torch.isfinite(h).all():
         raise GPTQError("the Hessian has non-finite entries (inf or NaN calibration activations)")
-    h = h.to(dtype, copy=True)
+    h = h.to(dtype, copy=not overwrite)
     w = w.to(dtype).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -133,27 +134,28 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
     """Upper Cholesky factor of (H + λI)⁻¹, with λ = damp_fraction · mean(diag H).
 
     When a factorization fails (H singular or badly conditioned in float32) λ grows ×10
-    until it succeeds. Returns (U, λ, the fraction used, retries).
+    until it succeeds. Returns (U, λ, the fraction used, retries). ``h`` is damped in place:
+    its diagonal is left with λ added (the caller's copy is spent).
     """
-    mean_diag = torch.diag(h).mean().item()
+    mean_diag = torch.diag(h).mean().item()  # a contiguous copy: the strided view sums in another order
+    diag = h.diagonal()
     if not mean_diag > 0:
         mean_diag = 1.0
     fraction = damp_fraction
-    # n x n float buffers are the stage's largest transients (down_proj: 1536²): keep two live.
-    damped = torch.empty_like(h)
+    # n x n float buffers are the stage's largest transients (down_proj: 1536²): dampening only
+    # touches the diagonal, so H itself is the damped matrix (its undamped diagonal kept for retries).
+    undamped = diag.clone()
     for attempt in range(12):
         damp = fraction * mean_diag
-        damped.copy_(h).diagonal().add_(damp)
-        chol, info = torch.linalg.cholesky_ex(damped)
+        diag.copy_(undamped).add_(damp)
+        chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
-            del damped
             hinv = torch.cholesky_inverse(chol)
             del chol
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             del hinv
             if info.item() == 0 and torch.isfinite(upper).all() and (torch.diag(upper) > 0).all():
                 return upper, damp, fraction, attempt
-            damped = torch.empty_like(h)
         fraction *= 10.0
     raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
@@ -189,8 +191,12 @@ def run_gptq(
     block_size: int = 128,
     act_order: ActOrder = "static",
     mse: MSEGrid | bool | None = None,
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
-    """:func:`gptq_quantize` with what happened on the way (dampening, dead columns, loss)."""
+    """:func:`gptq_quantize` with what happened on the way (dampening, dead columns, loss).
+
+    ``overwrite_hessian``: work in the caller's (float32) Hessian buffer instead of a copy,
+    leaving it permuted and damped: one n x n buffer less for a caller that is done with it."""
     check_args(args)
     if act_order not in ACT_ORDERS:
         raise GPTQError(f"act_order must be one of {', '.join(ACT_ORDERS)}, got '{act_order}'")
@@ -203,7 +209,7 @@ def run_gptq(
     elif mse is False:
         mse = None
     with _one_thread_on_cpu(weight.device):
-        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse)
+        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse, overwrite_hessian)
 
 
 def _run_gptq(
@@ -214,8 +220,9 @@ def _run_gptq(
     block_size: int,
     act_order: ActOrder,
     mse: MSEGrid | None,
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
-    h, w, dead = prepare_hessian(hessian, weight)
+    h, w, dead = prepare_hessian(hessian, weight, overwrite_hessian)
     out_features, columns = w.shape
     width = args.group_width(columns)
     groups = args.num_groups(columns)
@@ -234,7 +241,9 @@ def _run_gptq(
     perm = act_order_permutation(h) if act_order != "none" else None
     if perm is not None:
         w = w[:, perm]
-        h = h.index_select(0, perm).index_select(1, perm)
+        rows = h.index_select(0, perm)
+        torch.index_select(rows, 1, perm, out=h)  # into H's own buffer: two n x n live, not three
+        del rows
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
         original = perm if perm is not None else torch.arange(columns, device=w.device)
@@ -568,13 +577,26 @@ class _LlamaWalk:
     can quantize those linears and the rest of the walk sees them quantized.
     """
 
-    def __init__(self, ctx: LayerContext, hidden: list[Tensor], kwargs: list[dict]):
+    def __init__(
+        self,
+        ctx: LayerContext,
+        hidden: list[Tensor],
+        kwargs: list[dict],
+        drop_inputs: bool = False,
+        mlp_chunk: int | None = 1,
+    ):
+        """``drop_inputs``: set each entry of ``hidden`` to None once its residual is formed (the
+        caller no longer needs the inputs). ``mlp_chunk``: run the MLP up to down_proj this many
+        windows at a time (None: whole batches), so that its 1536-wide transients (gate, up, their
+        product) are a few windows' worth, not a batch's; the result is the same."""
         names = _llama_names(ctx)
         if names is None:
             raise GPTQError(f"{ctx.name} is not a Llama-family layer")
         self.m = {k: ctx.submodule(v) for k, v in names.items()}
         self.seq = ctx.arch.sequential
         self.hidden, self.kwargs = hidden, kwargs
+        self.drop_inputs = drop_inputs
+        self.mlp_chunk = mlp_chunk
 
     def run(self, step) -> list[Tensor]:
         m, seq = self.m, self.seq
@@ -585,19 +607,40 @@ class _LlamaWalk:
             x = xs[i]
             xs[i] = _input_of(m["o_proj"], lambda x=x, kw=kw: attn(hidden_states=x, **kw))
         step(seq[1], xs)
-        # residual + attention output, as the layer adds them.
-        residual = [h + m["o_proj"](a) for h, a in zip(self.hidden, xs, strict=True)]
-        xs = [m["post_norm"](r) for r in residual]
+        # residual + attention output, as the layer adds them; one batch at a time, each
+        # batch's attention output (and input, if allowed) freed as its residual is made.
+        residual = []
+        for i in range(len(xs)):
+            residual.append(self.hidden[i] + m["o_proj"](xs[i]))
+            if self.drop_inputs:
+                self.hidden[i] = None
+            xs[i] = m["post_norm"](residual[i])
         step(seq[2], xs)
-        mlp = m["mlp"]
         for i in range(len(xs)):
             x = xs[i]
-            xs[i] = _input_of(m["down"], lambda x=x: mlp(x))
+            xs[i] = None
+            xs[i] = self._down_input(x)
+            del x
         step(seq[3], xs)
         out = []
         for i in range(len(xs)):
             out.append(residual[i] + m["down"](xs[i]))
             xs[i] = residual[i] = None  # free as we go: the outputs replace them
+        return out
+
+    def _down_input(self, x: Tensor) -> Tensor:
+        """down_proj's input for the batch ``x`` (the MLP up to down_proj), ``mlp_chunk`` windows at a time."""
+        mlp, down = self.m["mlp"], self.m["down"]
+        chunk = self.mlp_chunk
+        if chunk is None or x.dim() < 3 or x.shape[0] <= chunk:
+            return _input_of(down, lambda: mlp(x))
+        out = None
+        for k in range(0, x.shape[0], chunk):
+            part = _input_of(down, lambda k=k: mlp(x[k : k + chunk]))
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out[k : k + chunk] = part
+            del part
         return out
 
 
@@ -627,6 +670,8 @@ class GPTQStage(QuantizingStage):
         self.true_sequential = true_sequential
         # One-pass true-sequential for Llama-family layers; False forces the re-running method.
         self.stepwise = True
+        # Windows at a time for the MLP up to down_proj in the walk (None: whole batches).
+        self.mlp_chunk: int | None = 1
         self._stepwise_ok: dict[type, bool] = {}
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
@@ -710,7 +755,10 @@ class GPTQStage(QuantizingStage):
                 acc.add(x)
             self.quantize_linears(ctx.name, targets, acc.hessian())
 
-        ctx.outputs = _LlamaWalk(ctx, ctx.inputs.hidden, ctx.inputs.kwargs).run(quantize_step)
+        walk = _LlamaWalk(
+            ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
+        )
+        ctx.outputs = walk.run(quantize_step)
 
     def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
         weights = [module.weight.data for _, module in members]
@@ -722,6 +770,7 @@ class GPTQStage(QuantizingStage):
             self.block_size,
             self.act_order,
             self.mse,
+            overwrite_hessian=True,
         )
         label = f"{prefix}." + "+".join(short for short, _ in members)
         for note in result.notes:
