@@ -12,6 +12,9 @@ The engine knows nothing of any algorithm: a stage is anything with
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -150,6 +153,32 @@ class LayerStage(Protocol):
     def apply_layer(self, ctx: LayerContext) -> None: ...
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_eager_release_set = False
+
+
+def release_freed_memory_eagerly(threshold: int = 1 << 20) -> None:
+    """Have glibc serve blocks from ``threshold`` bytes up by mmap, so that freeing one
+    returns it to the OS at once (Linux/glibc only; elsewhere nothing happens).
+
+    A layer's activations and n x n buffers are several MB each. Under glibc's default
+    (a threshold that adapts up to 32 MiB) they come from the heap, whose freed space stays
+    resident and fragmented: over a 30-layer run that added ~130 MB to the peak RSS of the
+    embedded model. With this, RSS follows the memory really in use (no measurable slowdown).
+    """
+    global _eager_release_set
+    if _eager_release_set or not sys.platform.startswith("linux"):
+        return
+    _eager_release_set = True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    except OSError:  # not glibc: leave the allocator alone
+        pass
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -167,6 +196,7 @@ def run_layerwise(
 
     ``start_layer`` and ``inputs`` resume a run whose earlier layers are already done.
     """
+    release_freed_memory_eagerly()
     device = torch.device(device)
     layers = decoder_layers(model, arch)
     home = next(model.parameters()).device
