@@ -27,7 +27,7 @@ from compress.quant.gptq import (
 )
 from compress.quant.int4 import QuantArgs
 from compress.quant.rtn import RTNStage
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, torch_threads
 
 # A small clip grid keeps the MSE cases fast; the search is the same code at any size.
 SMALL_MSE = MSEGrid(grid=10, max_shrink=0.5)
@@ -36,10 +36,8 @@ SMALL_MSE = MSEGrid(grid=10, max_shrink=0.5)
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Thousands of tiny operations: on shared cores one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def correlated_problem(out_features=48, in_features=160, tokens=768, seed=0, dtype=torch.float32):

@@ -22,7 +22,7 @@ from compress.runtime.speculative import (
     verify,
     verify_greedy,
 )
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, torch_threads
 
 POISON = -1
 
@@ -30,10 +30,8 @@ POISON = -1
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Thousands of tiny forward passes: with the cores shared, a second thread only adds waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 class ToyLM:

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,10 +23,8 @@ ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(autouse=True, scope="package")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 WORDS = (
     "the river runs past old mills and stone bridges while farmers bring grain to the market town "
