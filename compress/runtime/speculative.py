@@ -501,7 +501,8 @@ def pack_for_verification(model: nn.Module, rows: int) -> int:
         setattr(holder, name, PackedLinear(module, rows))
         count += 1
     if count and hasattr(model, "_plan"):
-        model._plan = None  # the runtime's streamlined forward rebuilds its closures from the new modules
+        # The runtime's streamlined forwards rebuild their closures from the new modules.
+        model._plan = model._draft_plan = None
     return count
 
 
