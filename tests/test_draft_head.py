@@ -127,3 +127,28 @@ def test_shortlist_head_on_a_float_model_keeps_float32():
     ref = hf(ids).logits
     assert torch.equal(logits.argmax(-1), ref.argmax(-1))
     assert F.cosine_similarity(logits.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_draft_step_close_to_the_forward(quantized):
+    """The draft's one-token step computes the model's logits up to rounding (float32 or int4 + bfloat16)."""
+    from compress.quant.int4 import QuantArgs, quantize
+    from compress.runtime.loader import from_transformers
+
+    hf = make_tiny_model(layers=2, vocab=256, seed=3)
+    records = {name: quantize(mod.weight, QuantArgs(4, 32, True)) for name, mod in hf.named_modules()
+               if isinstance(mod, torch.nn.Linear) and "lm_head" not in name} if quantized else None
+    dtype = torch.bfloat16 if quantized else torch.float32
+    model, _ = from_transformers(hf, records, dtype=dtype)
+    model.setup_caches(1, 32)
+    seq = [3, 17, 9, 200, 41, 5, 77]
+    with torch.inference_mode():
+        model(torch.tensor([seq[:4]]), torch.arange(4))
+        expected = [model(torch.tensor([[t]]), torch.tensor([4 + i]))[0, -1] for i, t in enumerate(seq[4:])]
+        model.setup_caches(1, 32)
+        model.draft_steps = True
+        model(torch.tensor([seq[:4]]), torch.arange(4))  # a prefill keeps the streamlined forward
+        got = [model(torch.tensor([[t]]), torch.tensor([4 + i]))[0, -1] for i, t in enumerate(seq[4:])]
+    tol = dict(rtol=3e-2, atol=3e-2) if quantized else dict(rtol=1e-4, atol=1e-4)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, **tol)
