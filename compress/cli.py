@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply the chat template if the tokenizer has one",
     )
     gen.add_argument("--draft", help="speculative decoding: a draft checkpoint or 'prompt-lookup'")
-    gen.add_argument("--speculate-k", type=int, default=4, help="draft tokens per target pass")
+    gen.add_argument("--speculate-k", type=int, default=None,
+                     help="draft tokens per target pass (default: 3 for a model draft, 8 for prompt lookup)")
     gen.add_argument(
         "--speculate-adaptive", action="store_true",
         help="adapt the draft length between 1 and 2x --speculate-k: longer after a fully accepted draft, "
@@ -266,10 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         "agrees more often), or computes its own",
     )
     gen.add_argument(
-        "--draft-head", default="float", choices=["float", "int4", "shortlist"],
+        "--draft-head", default="shortlist", choices=["float", "int4", "shortlist"],
         help="the draft's output layer: as stored; int4 at load (faster draft, agrees less often); shortlist: "
         "int4 ranking with the best 16 tokens rescored on the stored weights (nearly int4 speed, the stored head's "
-        "choices); the output is exact with each",
+        "choices; the default); the output is exact with each",
+    )
+    gen.add_argument(
+        "--draft-siblings", type=int, default=2,
+        help="greedy: also verify a model draft's second choice at the first N proposed positions, in the same "
+        "target pass (one more token when the target picked it; 0: off)",
     )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--backend", default="auto", help="int4 back end: auto, kernel or reference")

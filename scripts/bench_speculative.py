@@ -141,6 +141,9 @@ def main() -> int:
     p.add_argument("--draft-kv", choices=["target", "own", "both"], default="target",
                    help="a self-draft takes the target's keys and values (no draft prefill), computes its own, "
                    "or both rows")
+    p.add_argument("--siblings", type=int, nargs="+", default=[0],
+                   help="greedy verify passes also check the model draft's second choices at the first N positions; "
+                   "one row per value")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=len(OPEN_ENDED),
                    help=f"prompts of each kind (open-ended: at most {len(OPEN_ENDED)}; input-grounded)")
@@ -185,9 +188,10 @@ def main() -> int:
         r = plain_target.generate_ids([ids], n, greedy)
         return r.tokens[0], r.prefill_s + r.decode_s, r.decode_steps, r.decode_s, 0, 0, r.decode_steps
 
-    def run_spec(draft, drt, k, adaptive=False):
+    def run_spec(draft, drt, k, adaptive=False, siblings=0):
         def fn(ids, n):
-            toks, s = generate_runtime(target, draft, drt, ids, n, k, greedy, adaptive=adaptive, clock=CLOCK)
+            toks, s = generate_runtime(target, draft, drt, ids, n, k, greedy, adaptive=adaptive, clock=CLOCK,
+                                       siblings=siblings)
             return (toks, s.prefill_seconds + s.decode_seconds, s.new_tokens - 1, s.decode_seconds,
                     s.proposed, s.accepted, s.target_passes)
         return fn
@@ -208,10 +212,12 @@ def main() -> int:
                 return ModelDraft(drt.model, device, kv_source=target.model if share else None)
             tag = ", target's KV" if share else ""
             for k in args.k:
-                methods[f"runtime + draft {label}{tag}, k={k}"] = run_spec(make(), drt, k)
-                if args.adaptive:
-                    methods[f"runtime + draft {label}{tag}, adaptive k from {k}"] = run_spec(
-                        make(), drt, k, adaptive=True)
+                for sib in args.siblings:
+                    stag = f", {sib} siblings" if sib else ""
+                    methods[f"runtime + draft {label}{tag}, k={k}{stag}"] = run_spec(make(), drt, k, siblings=sib)
+                    if args.adaptive:
+                        methods[f"runtime + draft {label}{tag}, adaptive k from {k}{stag}"] = run_spec(
+                            make(), drt, k, adaptive=True, siblings=sib)
     lookup = PromptLookupDraft(max_ngram=args.lookup_ngram)
     methods[f"runtime + prompt lookup, k={args.lookup_k}"] = run_spec(lookup, None, args.lookup_k)
     if hf is not None:

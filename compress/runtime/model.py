@@ -361,7 +361,26 @@ class Transformer(nn.Module):
         norm, output = _norm_fn(self.norm, dtype), _linear_fn(self.output, dtype)
         return layers, lambda x: output(norm(x))
 
-    def _forward_fast(self, tokens: Tensor, input_pos: Tensor, mask: Tensor | None, kv_len: int) -> Tensor:
+    def forward_tree(self, tokens: Tensor, input_pos: Tensor, cache_pos: Tensor, visible: Tensor) -> Tensor:
+        """Logits [1, T, V] of a token tree: token t at RoPE position ``input_pos[t]``, its keys and values
+        written to cache slot ``cache_pos[t]``, attending to the slots ``visible[t]`` marks ([T, slots]).
+
+        Lets siblings (alternatives for one position) be verified in one pass: they share a position but
+        not a slot. CPU streamlined forward, batch 1, unpadded caches only (``supports_tree``).
+        """
+        if not self.supports_tree:
+            raise RuntimeError("forward_tree needs the CPU streamlined forward on unpadded caches")
+        kv_len = visible.shape[-1]
+        return self._forward_fast(tokens, input_pos, visible[None, None], kv_len, cache_pos)
+
+    @property
+    def supports_tree(self) -> bool:
+        fast = self.fast_path if self.fast_path is not None else self.device.type == "cpu"
+        return bool(fast and self.slice_kv and self.max_len and self.key_valid.numel() == 0 and not self.windowed)
+
+    def _forward_fast(self, tokens: Tensor, input_pos: Tensor, mask: Tensor | None, kv_len: int,
+                      cache_pos: Tensor | None = None) -> Tensor:
+        """``cache_pos``: cache slots to write (default ``input_pos``; differs only in a tree pass)."""
         if self._plan is None:
             self._plan = self._build_plan()
         layers, head = self._plan
@@ -373,7 +392,8 @@ class Transformer(nn.Module):
         rope = self.rope[input_pos]  # [T, 2, D], broadcast over [B, heads, T, D]
         cos, signed_sin = rope[:, 0], rope[:, 1]
         half = head_dim // 2
-        one_pos = int(input_pos[0]) if seqlen == 1 else None
+        one_pos = int(input_pos[0]) if seqlen == 1 and cache_pos is None else None
+        slots = input_pos if cache_pos is None else cache_pos
         causal = mask is None and seqlen > 1
         if mask is not None:
             mask = mask[..., :kv_len]
@@ -396,8 +416,8 @@ class Transformer(nn.Module):
                 k_cache[:, :, one_pos : one_pos + 1].copy_(k)
                 v_cache[:, :, one_pos : one_pos + 1].copy_(v)
             else:
-                k_cache[:, :, input_pos] = k
-                v_cache[:, :, input_pos] = v.to(v_cache.dtype)
+                k_cache[:, :, slots] = k
+                v_cache[:, :, slots] = v.to(v_cache.dtype)
             y = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
                                                is_causal=causal, enable_gqa=gqa)
             y = y.view(bsz, q_size) if one_pos is not None else y.transpose(1, 2).reshape(bsz * seqlen, q_size)

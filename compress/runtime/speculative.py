@@ -97,6 +97,34 @@ def verify(
     return n, sample(residual_distribution(target_probs[n], q), generator)
 
 
+def tree_inputs(last: int, chain: list[int], siblings: list[int], base: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(tokens [1, T], positions [T], cache slots [T], visible [T, slots]) of a verify pass with siblings.
+
+    ``last`` sits at position ``base``, chain token i (1-based) at base + i, and sibling i (an
+    alternative for chain token i, i <= len(siblings)) at the same position base + i but in slot
+    base + len(chain) + i. Each token sees the cache up to ``base`` - 1, ``last``, the chain tokens
+    before its own position, and itself: the same context as in a chain pass.
+    """
+    k, m = len(chain), len(siblings)
+    rows = k + 1 + m
+    ids = torch.tensor([[last, *chain, *siblings]])
+    pos = torch.cat([torch.arange(base, base + k + 1), torch.arange(base + 1, base + 1 + m)])
+    slots = torch.arange(base, base + rows)
+    visible = torch.ones(rows, base + rows, dtype=torch.bool).tril(base)  # the chain: causal by slot
+    visible[k + 1 :, base + 1 :] = False
+    for i in range(m):  # sibling i + 1: last, chain tokens 1..i, itself
+        visible[k + 1 + i, base + 1 : base + 1 + i] = True
+        visible[k + 1 + i, base + k + 1 + i] = True
+    return ids, pos, slots, visible
+
+
+def move_kv(model: nn.Module, source: int, dest: int) -> None:
+    """Copy every layer's cached keys and values at slot ``source`` to slot ``dest``."""
+    for k, v in _kv_caches(model) or []:
+        k[:, :, dest].copy_(k[:, :, source])
+        v[:, :, dest].copy_(v[:, :, source])
+
+
 def verify_greedy(draft_tokens: Tensor, target_best: Tensor) -> tuple[int, int]:
     """Greedy acceptance: draft tokens are kept while they equal the target's argmax.
 
@@ -151,6 +179,8 @@ class ModelDraft:
         self.passes = 0
         self.kv_source = kv_source
         self.copied = 0  # positions taken from kv_source
+        # Greedy proposals: the draft's second choice at each proposed position (siblings to verify).
+        self.alternatives: list[int] = []
 
     def reset(self) -> None:
         self.valid = 0
@@ -173,9 +203,12 @@ class ModelDraft:
         logits = self._logits(tokens[self.valid :], self.valid)
         out: list[int] = []
         dists: list[Tensor] = []
+        self.alternatives = []
         for i in range(k):
             if sampling.greedy:
-                out.append(int(logits.argmax()))
+                first, second = logits.topk(2).indices.tolist()
+                out.append(first)
+                self.alternatives.append(second)
             else:
                 q = probabilities(logits, sampling).cpu()
                 dists.append(q)
@@ -264,6 +297,7 @@ class SpeculativeStats:
     draft_passes: int = 0
     proposed: int = 0
     accepted: int = 0
+    siblings_accepted: int = 0  # of ``accepted``: a draft's second choice, verified as a sibling
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     k_history: list[int] = field(default_factory=list)
@@ -288,6 +322,7 @@ class SpeculativeStats:
             "draft_passes": self.draft_passes,
             "proposed": self.proposed,
             "accepted": self.accepted,
+            "siblings_accepted": self.siblings_accepted,
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_pass": self.tokens_per_pass,
             "prefill_seconds": self.prefill_seconds,
@@ -323,12 +358,20 @@ def speculative_generate(
     max_seq_len: int | None = None,
     device: torch.device | str = "cpu",
     clock: Callable[[], float] = time.perf_counter,
+    siblings: int = 0,
 ) -> tuple[list[int], SpeculativeStats]:
     """Generate up to ``max_new_tokens`` after ``prompt``; returns (new tokens, stats).
 
     The target's cache must be empty or hold garbage: it is filled from position 0. With
     ``adaptive`` the proposal length moves between 1 and ``k_max`` (default 2k).
     ``max_seq_len`` is the caches' length: proposals are cut so no position reaches it.
+
+    ``siblings`` (greedy, a draft with ``alternatives``, a target with ``forward_tree``): the same
+    pass also verifies the draft's second choice at the first ``siblings`` proposed positions. When
+    the chain is rejected at such a position and the target chose that second token, the pass also
+    yields the target's token after it: one token more, for one more row per sibling (on a CPU a
+    row costs a few percent of a pass; the first positions are rejected most often, so they pay
+    best). The output is unchanged (every token is still the target's greedy choice).
     """
     if not prompt:
         raise ValueError("speculative_generate needs a non-empty prompt")
@@ -341,6 +384,7 @@ def speculative_generate(
     if max_new_tokens <= 0:
         return [], stats
     stop = set(stop_tokens)
+    tree = siblings > 0 and sampling.greedy and bool(getattr(target, "supports_tree", False))
     draft.keep(0)
     draft_passes_before = getattr(draft, "passes", 0)
 
@@ -363,26 +407,43 @@ def speculative_generate(
         proposal, q = draft.propose(tokens, budget, sampling, generator) if budget > 0 else ([], None)
         proposal = proposal[:budget]
         q = q[: len(proposal)] if q is not None else None
-        ids = torch.tensor([tokens[-1:] + proposal], device=device)
-        pos = torch.arange(n_ctx - 1, n_ctx + len(proposal), device=device)
-        target_logits = target(ids, pos)[0]
+        k_now = len(proposal)
+        # Siblings sit in the slots after the chain's, all below the cache's end.
+        n_alts = max(0, min(k_now, siblings, limit - n_ctx - k_now)) if tree else 0
+        alts = list(getattr(draft, "alternatives", ()))[:n_alts]
+        if alts:
+            ids, pos, slots, visible = (t.to(device) for t in tree_inputs(tokens[-1], proposal, alts, n_ctx - 1))
+            target_logits = target.forward_tree(ids, pos, slots, visible)[0]
+        else:
+            ids = torch.tensor([tokens[-1:] + proposal], device=device)
+            pos = torch.arange(n_ctx - 1, n_ctx + k_now, device=device)
+            target_logits = target(ids, pos)[0]
         stats.target_passes += 1
         drafted = torch.tensor(proposal, dtype=torch.long)
         if sampling.greedy:
-            n, nxt = verify_greedy(drafted, target_logits.argmax(-1).cpu())
+            best = target_logits.argmax(-1).cpu()
+            n, nxt = verify_greedy(drafted, best[: k_now + 1])
         else:
             n, nxt = verify(drafted, q, probabilities(target_logits, sampling).cpu(), generator)
-        stats.proposed += len(proposal)
+        stats.proposed += k_now
         stats.accepted += n
-        stats.k_history.append(len(proposal))
+        stats.k_history.append(k_now)
         produced = [*proposal[:n], nxt]
+        if n < len(alts) and alts[n] == nxt:
+            # The target chose the draft's second token at the rejected position: its row gives the next
+            # token too. Its keys and values move from its slot to that position (the chain's are stale).
+            produced.append(int(best[k_now + 1 + n]))
+            move_kv(target, n_ctx + k_now + n, n_ctx + n)
+            stats.accepted += 1
+            stats.siblings_accepted += 1
         for i, t in enumerate(produced):
             if t in stop:
                 produced = produced[: i + 1]
                 break
         tokens.extend(produced)
         new.extend(produced)
-        # Target cache: positions up to the last accepted draft token are final.
+        # Target cache: positions up to the last accepted token are final; the draft's only up to the last
+        # accepted chain token (an accepted sibling's position holds the chain token there).
         draft.keep(n_ctx + n)
         if adaptive:
             k = next_k(k, len(proposal), n, 1, k_max)
@@ -516,9 +577,13 @@ def pack_for_verification(model: nn.Module, rows: int) -> int:
 # --------------------------------------------------------------------------- runtime glue and CLI
 
 PROMPT_LOOKUP = ("prompt-lookup", "lookup")
+# Defaults of ``compress generate --draft`` (measured in eval/results/speculative-cpu.md): a model draft
+# costs a fraction of a target step per token, prompt lookup nothing.
+MODEL_DRAFT_K = 3
+LOOKUP_K = 8
 
 
-def open_draft(spec: str, target, backend: str = "auto", head: str = "float", share_kv: bool = True):
+def open_draft(spec: str, target, backend: str = "auto", head: str = "shortlist", share_kv: bool = True):
     """(draft, draft runtime or None, description) for ``--draft``: a checkpoint or 'prompt-lookup'.
 
     ``head='int4'`` quantizes the draft's float output layer at load: a fifth of a small model's
@@ -571,8 +636,13 @@ def generate_runtime(
     seed: int = 0,
     adaptive: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    siblings: int = 0,
 ) -> tuple[list[int], SpeculativeStats]:
-    """Speculative generation on runtime models (``compress.runtime.load``); EOS ends it, excluded."""
+    """Speculative generation on runtime models (``compress.runtime.load``); EOS ends it, excluded.
+
+    ``siblings``: greedy verify passes also check the draft's second choices at the first ``siblings``
+    positions (``speculative_generate``).
+    """
     from compress.runtime.errors import RuntimeInputError
 
     context = target.context_length
@@ -582,7 +652,8 @@ def generate_runtime(
         raise RuntimeInputError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {context}")
     k_max = 2 * k if adaptive else k
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
-    length = cache_length(len(prompt_ids), max_new_tokens, k_max, context)
+    # A verify pass with siblings writes up to k_max + siblings + 1 slots from the last token's.
+    length = cache_length(len(prompt_ids), max_new_tokens, k_max + min(max(siblings, 0), k_max), context)
     # Verify passes (k + 1 tokens), and a model draft's catch-up feeds (2 tokens), on packed weights.
     pack_for_verification(target.model, PACK_ROWS)
     target.model.setup_caches(1, length)
@@ -596,7 +667,7 @@ def generate_runtime(
         tokens, stats = speculative_generate(
             target.model, draft, prompt_ids, max_new_tokens, k=k, sampling=sampling, generator=generator,
             adaptive=adaptive, k_max=k_max, stop_tokens=target.eos_ids, max_seq_len=length,
-            device=target.device, clock=clock,
+            device=target.device, clock=clock, siblings=siblings,
         )
     if tokens and tokens[-1] in target.eos_ids:
         tokens = tokens[:-1]
@@ -613,24 +684,30 @@ def cli_generate(args, llm) -> int:
 
     from compress.runtime.errors import RuntimeInputError
 
-    k = args.speculate_k
+    lookup = args.draft in PROMPT_LOOKUP
+    k = args.speculate_k if args.speculate_k is not None else (LOOKUP_K if lookup else MODEL_DRAFT_K)
     if k < 1:
         raise RuntimeInputError("--speculate-k must be >= 1")
+    siblings = getattr(args, "draft_siblings", 0)
+    if siblings < 0:
+        raise RuntimeInputError("--draft-siblings must be >= 0")
     adaptive = bool(getattr(args, "speculate_adaptive", False))
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     backend = "cpu" if args.backend == "kernel" and llm.device.type == "cpu" else args.backend
     share_kv = getattr(args, "draft_kv", "target") == "target"
-    draft, draft_rt, description = open_draft(args.draft, llm, backend, getattr(args, "draft_head", "float"), share_kv)
+    draft, draft_rt, description = open_draft(args.draft, llm, backend, getattr(args, "draft_head", "shortlist"),
+                                              share_kv)
     ids = llm.encode(args.prompt, args.chat)
     if not ids:
         raise RuntimeInputError("empty prompt")
 
     # Warm-up: first passes pay for allocations and kernel selection; not timed.
     llm.generate_ids([ids], 4, sampling, args.seed)
-    generate_runtime(llm, draft, draft_rt, ids, 4, k, sampling, args.seed, adaptive)
+    generate_runtime(llm, draft, draft_rt, ids, 4, k, sampling, args.seed, adaptive, siblings=siblings)
 
     plain = llm.generate_ids([ids], args.max_new_tokens, sampling, args.seed)
-    tokens, stats = generate_runtime(llm, draft, draft_rt, ids, args.max_new_tokens, k, sampling, args.seed, adaptive)
+    tokens, stats = generate_runtime(llm, draft, draft_rt, ids, args.max_new_tokens, k, sampling, args.seed, adaptive,
+                                     siblings=siblings)
     sys.stdout.write(llm.decode(tokens) + "\n")
     plain_tps = plain.decode_tokens_per_s
     speedup = stats.decode_tokens_per_second / plain_tps if plain_tps else 0.0
@@ -638,8 +715,11 @@ def cli_generate(args, llm) -> int:
     if sampling.greedy:
         identical = tokens == plain.tokens[0]
         same = "; output identical to plain greedy" if identical else "; OUTPUT DIFFERS from plain greedy"
+    tree = siblings and sampling.greedy and draft_rt is not None
+    sib = f", {siblings} siblings ({stats.siblings_accepted} taken)" if tree else ""
     print(
-        f"[speculative, {description}, k={k}{' adaptive' if adaptive else ''}] acceptance {stats.acceptance_rate:.1%}, "
+        f"[speculative, {description}, k={k}{' adaptive' if adaptive else ''}{sib}] acceptance "
+        f"{stats.acceptance_rate:.1%}, "
         f"{stats.tokens_per_pass:.2f} tokens per target pass, decode {stats.new_tokens - 1} tokens at "
         f"{stats.decode_tokens_per_second:.1f} tok/s vs plain {plain_tps:.1f} tok/s: {speedup:.2f}x{same}",
         file=sys.stderr,
