@@ -17,9 +17,13 @@ n-gram matches against the text so far, no model). Batch size 1.
 
 What makes it pay on a CPU (``generate_runtime``): the target's float32 linears are packed once
 for oneDNN (``pack_for_verification``), so verifying k + 1 tokens costs about one decode step
-(ATen's matmul took twice that for 2-9 rows); and a draft of the target's shape (a self-draft)
+(ATen's matmul took twice that for 2-9 rows); a draft of the target's shape (a self-draft)
 takes the target's keys and values instead of computing its own (``ModelDraft(kv_source=...)``):
-no draft prefill, and it agrees with the target far more often.
+no draft prefill, and it agrees with the target far more often. The draft's step is cheap: an
+output layer that ranks on int4 weights and rescores its top 16 (``draft_head.ShortlistHead``) and a
+one-token path with fewer operators (``Transformer._draft_step``). Greedy passes also verify the
+draft's second choice at the first positions (``siblings``, ``tree_inputs``): one more token whenever
+the target picked it.
 """
 
 from __future__ import annotations
