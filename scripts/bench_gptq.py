@@ -263,8 +263,9 @@ def table(results: dict[str, dict], group: int) -> str:
 def ratios(results: dict[str, dict]) -> list[str]:
     out = []
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
-    for kind in ("sym", "asym"):
-        ours, peer, rtn = (results.get(f"{m}-{kind}", {}) for m in ("ours", "peer", "rtn"))
+    for kind in ("sym", "asym", "sym-mse", "asym-mse"):
+        ours, peer = results.get(f"ours-{kind}", {}), results.get(f"peer-{kind}", {})
+        rtn = results.get(f"rtn-{kind.split('-')[0]}", {})
         if "eval" in ours and "eval" in peer:
             cpu = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
@@ -278,12 +279,10 @@ def ratios(results: dict[str, dict]) -> list[str]:
             share = (ours["eval"]["perplexity"] - float_ppl) / (rtn["eval"]["perplexity"] - float_ppl)
             out.append(f"- {kind}: our GPTQ keeps {share:.1%} of RTN's perplexity increase over float")
     act = {j: results.get(j, {}) for j in ("ours-sym", "ours-sym-noact", "ours-sym-gidx")}
-    if all("eval" in r for r in act.values()):
-        out.append(
-            "- act-order (sym): static {:.3f}, off {:.3f}, g_idx {:.3f}".format(
-                *(r["eval"]["perplexity"] for r in act.values())
-            )
-        )
+    figures = [f"{label} {r['eval']['perplexity']:.3f}" for label, r in zip(("static", "off", "g_idx"), act.values())
+               if "eval" in r]
+    if len(figures) > 1:
+        out.append("- act-order (sym): " + ", ".join(figures))
     return out
 
 
