@@ -266,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "agrees more often), or computes its own",
     )
     gen.add_argument(
-        "--draft-head", default="float", choices=["float", "int4"],
-        help="the draft's output layer: as stored, or int4 at load (faster draft, agrees less often; output exact)",
+        "--draft-head", default="float", choices=["float", "int4", "shortlist"],
+        help="the draft's output layer: as stored; int4 at load (faster draft, agrees less often); shortlist: "
+        "int4 ranking with the best 16 tokens rescored on the stored weights (nearly int4 speed, the stored head's "
+        "choices); the output is exact with each",
     )
     gen.add_argument("--device", default="auto")
     gen.add_argument("--backend", default="auto", help="int4 back end: auto, kernel or reference")

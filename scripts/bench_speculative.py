@@ -34,9 +34,13 @@ from compress.runtime.speculative import ModelDraft, PromptLookupDraft, generate
 
 CLOCK = time.perf_counter
 
-OPEN_ENDED = [
+OPEN_ENDED = [  # varied kinds of open-ended text: story, explanation, list, letter, comparison, description
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Explain to a ten-year-old why the sky is blue.",
+    "Give me five tips for staying focused while studying at home.",
+    "Write a polite email to a neighbor asking them to keep their dog quiet at night.",
+    "What are the main differences between a city bike and a mountain bike?",
+    "Describe a perfect autumn day in a small mountain village.",
 ]
 GROUNDED = [
     "Rewrite the following paragraph in plain English, keeping every fact:\n\n{p}",
@@ -125,9 +129,11 @@ def main() -> int:
     p.add_argument("--target", default="smollm2", help="target checkpoint (default: the embedded float model)")
     p.add_argument("--draft", nargs="*", default=["outputs/smollm2-draft"],
                    help="draft checkpoints (e.g. the int4 self-draft), one row each; none: prompt lookup only")
-    p.add_argument("--draft-head", default="float", choices=["float", "int4"],
-                   help="int4: quantize the draft's output layer at load (faster, but agrees less often)")
-    p.add_argument("--k", type=int, default=4, help="draft tokens per pass for the model draft")
+    p.add_argument("--draft-head", nargs="+", default=["shortlist"], choices=["float", "int4", "shortlist"],
+                   help="the draft's output layer, one row each: as stored; int4 at load (faster, agrees less "
+                   "often); shortlist: int4 ranking with the best 16 rescored on the stored weights")
+    p.add_argument("--k", type=int, nargs="+", default=[3], help="draft tokens per pass for the model draft, "
+                   "one row each")
     p.add_argument("--lookup-k", type=int, default=8, help="draft tokens per pass for prompt lookup")
     p.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram prompt lookup matches")
     p.add_argument("--adaptive", action="store_true", help="also run each model draft with adaptive k")
@@ -135,7 +141,10 @@ def main() -> int:
                    help="a self-draft takes the target's keys and values (no draft prefill), computes its own, "
                    "or both rows")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=2, help="prompts of each kind (open-ended, grounded)")
+    p.add_argument("--prompts", type=int, default=len(OPEN_ENDED),
+                   help=f"prompts of each kind (open-ended: at most {len(OPEN_ENDED)}; input-grounded)")
+    p.add_argument("--kinds", nargs="+", default=["open-ended", "input-grounded"],
+                   choices=["open-ended", "input-grounded"], help="which kinds of prompt to run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -155,13 +164,14 @@ def main() -> int:
     # Plain decoding on its own copy: speculation swaps the target's linears for packed ones.
     plain_target = load(args.target, device=device)
     target_dir = Path(target.info.source)
-    drafts = {d: load(d, device=device, head=args.draft_head) for d in args.draft}
+    drafts = {(d, h): load(d, device=device, head=h) for d in args.draft for h in args.draft_head}
     paragraphs = corpus_paragraphs(args.prompts)
     prompts = {
         "open-ended": OPEN_ENDED[: args.prompts],
         "input-grounded": [GROUNDED[i % len(GROUNDED)].format(p=para) for i, para in enumerate(paragraphs)],
     }
-    encoded = {kind: [target.encode(t, chat=True) for t in texts] for kind, texts in prompts.items()}
+    encoded = {kind: [target.encode(t, chat=True) for t in texts] for kind, texts in prompts.items()
+               if kind in args.kinds}
     eos = target.eos_ids
     greedy = SamplingParams()
 
@@ -188,18 +198,19 @@ def main() -> int:
         return fn
 
     methods = {"runtime plain": run_plain}
-    for d, drt in drafts.items():
-        label = f"`{Path(d).name}` ({drt.info.quant_format})"
+    for (d, head), drt in drafts.items():
+        label = f"`{Path(d).name}` ({drt.info.quant_format}, head {head})"
         shared = kv_compatible(target.model, drt.model)
         kv_modes = {"target": [shared], "own": [False], "both": [False, True] if shared else [False]}[args.draft_kv]
         for share in kv_modes:
             def make(share=share, drt=drt):
                 return ModelDraft(drt.model, device, kv_source=target.model if share else None)
             tag = ", target's KV" if share else ""
-            methods[f"runtime + draft {label}{tag}, k={args.k}"] = run_spec(make(), drt, args.k)
-            if args.adaptive:
-                methods[f"runtime + draft {label}{tag}, adaptive k from {args.k}"] = run_spec(
-                    make(), drt, args.k, adaptive=True)
+            for k in args.k:
+                methods[f"runtime + draft {label}{tag}, k={k}"] = run_spec(make(), drt, k)
+                if args.adaptive:
+                    methods[f"runtime + draft {label}{tag}, adaptive k from {k}"] = run_spec(
+                        make(), drt, k, adaptive=True)
     lookup = PromptLookupDraft(max_ngram=args.lookup_ngram)
     methods[f"runtime + prompt lookup, k={args.lookup_k}"] = run_spec(lookup, None, args.lookup_k)
     if hf is not None:
@@ -210,7 +221,7 @@ def main() -> int:
 
     # Warm-up: allocations, kernel choice, first-call overheads; not timed.
     for fn in methods.values():
-        fn(encoded["open-ended"][0], 4)
+        fn(next(iter(encoded.values()))[0], 4)
 
     rows = {kind: {name: Row(name) for name in methods} for kind in encoded}
     for kind, prompt_ids in encoded.items():
@@ -227,7 +238,8 @@ def main() -> int:
         "# Speculative decoding: side by side",
         "",
         f"Target `{args.target}` (float, {target.model.dtype}), drafts {', '.join(f'`{d}`' for d in args.draft)} "
-        f"(output layer {args.draft_head}); prompt lookup up to {args.lookup_ngram}-grams; device {device}, "
+        f"(output layer: {', '.join(args.draft_head)}); prompt lookup up to {args.lookup_ngram}-grams; "
+        f"device {device}, "
         f"{args.clock} clock, torch threads {torch.get_num_threads()}; greedy, {args.new_tokens} new tokens, "
         f"{args.prompts} prompts per kind (chat template). Speedup: end-to-end tokens/s (prefill included) over "
         "the same framework's plain decoding; decode speedup: decode tokens/s (after the first token, "

@@ -18,13 +18,16 @@ from torch import Tensor, nn
 
 from compress import checkpoint
 from compress.quant.int4 import QuantArgs, QuantizedWeight, quantize
+from compress.runtime.draft_head import ShortlistHead
 from compress.runtime.errors import RuntimeInputError
 from compress.runtime.int4_linear import Int4Linear, concat_quantized
 from compress.runtime.model import ConcatLinear, ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
 
-HEAD_MODES = ("float", "int4")
+# float: as stored; int4: quantized at load; shortlist: int4 ranking with the best candidates rescored on
+# the stored weights (compress.runtime.draft_head, meant for speculative drafts).
+HEAD_MODES = ("float", "int4", "shortlist")
 
 
 @dataclass
@@ -70,6 +73,8 @@ def build_model(
 
     ``head='int4'`` quantizes a float output layer at load (round to nearest, group 128):
     it is a fifth of a small model's weight bytes and dominates its decode time.
+    ``head='shortlist'`` ranks the vocabulary with such an int4 copy and rescores the best candidates
+    on the stored weights (``ShortlistHead``): nearly the float head's argmax at nearly int4 cost.
     """
     if head not in HEAD_MODES:
         raise RuntimeInputError(f"unknown head mode '{head}'; use one of {', '.join(HEAD_MODES)}")
@@ -135,6 +140,11 @@ def build_model(
         head_weight = embed if args.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
         if head == "int4":
             model.output = _int4(quantize(head_weight.float().cpu(), QuantArgs(4, 128, True)), None)
+        elif head == "shortlist":
+            shortlist = ShortlistHead(head_weight.to(device, dtype), backend=backend)
+            model.output = shortlist
+            info.backends[shortlist.approx.backend] = info.backends.get(shortlist.approx.backend, 0) + 1
+            info.weight_bytes += head_weight.numel() * shortlist.weight.element_size()
         elif head_weight is embed:
             model.output = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
             model.output.weight = model.tok_embeddings.weight  # tied: one tensor in memory
