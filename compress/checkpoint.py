@@ -39,7 +39,7 @@ class Checkpoint:
 
     @property
     def quantization_config(self) -> dict | None:
-        return self.config.get("quantization_config")
+        return quantization_config(self.config)
 
     def float_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """A plain state dict: quantized weights dequantized (in float32, then cast), others cast."""
@@ -124,8 +124,13 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def quantization_config(config: dict) -> dict | None:
+    """The config's quantization section (older compressed-tensors files call it ``compression_config``)."""
+    return config.get("quantization_config") or config.get("compression_config")
+
+
 def detect_format(config: dict) -> str:
-    qc = config.get("quantization_config")
+    qc = quantization_config(config)
     if not qc:
         return "float"
     method = qc.get("quant_method")
@@ -256,7 +261,7 @@ def read(folder: str | Path, verify_checksums: bool = True) -> Checkpoint:
     fmt = detect_format(config)
     tensors = read_tensors(weight_files(folder))
     ckpt = Checkpoint(folder, config, fmt)
-    qc = config.get("quantization_config") or {}
+    qc = quantization_config(config) or {}
     try:
         if fmt == "gptq":
             bits, group_size, sym, ckpt.checkpoint_format = gptq_settings(qc)
@@ -282,7 +287,7 @@ def is_quantized_checkpoint(folder: str | Path) -> bool:
     """True for a folder whose config names a GPTQ or compressed-tensors quantization."""
     path = Path(folder) / "config.json"
     try:
-        qc = json.loads(path.read_text()).get("quantization_config") or {}
+        qc = quantization_config(json.loads(path.read_text())) or {}
     except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8
         return False
     return qc.get("quant_method") in ("gptq", "compressed-tensors")

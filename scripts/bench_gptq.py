@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (job name, what it is) in run order.
+# (job name, what it is) in run order. Our jobs' options are read from the name's parts
+# (see ours_options); "mse" is the per-group clip search (MSEGrid: grid 100, shrinks down to
+# 0.2, norm 2.4, patience 5), the peer's "mse" its MSE weight observer set to the same grid.
 JOBS = {
     "float": "float32 model, no quantization",
     "rtn-sym": "RTN w4 g{g} symmetric",
@@ -36,12 +38,35 @@ JOBS = {
     "ours-sym": "our GPTQ w4 g{g} sym, act-order static, true-sequential",
     "ours-asym": "our GPTQ w4 g{g} asym, act-order static, true-sequential",
     "ours-sym-noact": "our GPTQ w4 g{g} sym, act-order off",
+    "ours-asym-noact": "our GPTQ w4 g{g} asym, act-order off",
     "ours-sym-gidx": "our GPTQ w4 g{g} sym, act-order with g_idx",
+    "ours-asym-gidx": "our GPTQ w4 g{g} asym, act-order with g_idx",
     "ours-sym-seq-off": "our GPTQ w4 g{g} sym, act-order static, true-sequential off",
     "ours-asym-seq-off": "our GPTQ w4 g{g} asym, act-order static, true-sequential off (as the peer)",
+    "ours-sym-mse": "our GPTQ w4 g{g} sym, act-order static, true-sequential, MSE clip search per group",
+    "ours-asym-mse": "our GPTQ w4 g{g} asym, act-order static, true-sequential, MSE clip search per group",
+    "ours-asym-mse-seq-off": "our GPTQ w4 g{g} asym, act-order static, MSE clip search, true-sequential off",
+    "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
+    "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
+    "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
+    "ours-asym-damp0.1": "our GPTQ w4 g{g} asym, act-order static, dampening 0.1",
     "peer-sym": "llm-compressor GPTQModifier w4 g{g} sym (actorder static)",
     "peer-asym": "llm-compressor GPTQModifier w4 g{g} asym (actorder static)",
+    "peer-sym-mse": "llm-compressor GPTQModifier w4 g{g} sym (actorder static), MSE weight observer, same grid",
+    "peer-asym-mse": "llm-compressor GPTQModifier w4 g{g} asym (actorder static), MSE weight observer, same grid",
 }
+
+
+def ours_options(job: str) -> dict:
+    """GPTQStage keyword arguments for one of our jobs, from the parts of its name."""
+    parts = job.split("-")
+    damp = [float(p[len("damp") :]) for p in parts if p.startswith("damp")]
+    return {
+        "act_order": "none" if "noact" in parts else "g_idx" if "gidx" in parts else "static",
+        "true_sequential": not job.endswith("seq-off"),
+        "mse": "mse" in parts,
+        "damp_percent": damp[0] if damp else 0.01,
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -83,15 +108,13 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
         else:
             from compress.quant.gptq import GPTQStage
 
-            act_order = {"noact": "none", "gidx": "g_idx"}.get(job.rsplit("-", 1)[-1], "static")
-            sequential = not job.endswith("seq-off")
-            stage = GPTQStage(args, ["lm_head"], act_order=act_order, true_sequential=sequential)
+            stage = GPTQStage(args, ["lm_head"], **ours_options(job))
             windows = calib
         run_layerwise(model, loaded.arch, windows, [stage], "cpu", batch_size, progress=False)
         info["quantized_linears"] = len(stage.quantized)
         info["notes"] = list(getattr(stage, "notes", []))
     elif job.startswith("peer"):
-        info.update(run_peer(model, loaded.tokenizer, calib, group, symmetric, batch_size))
+        info.update(run_peer(model, loaded.tokenizer, calib, group, symmetric, batch_size, mse=job.endswith("mse")))
     info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
     # CPU time (all threads): fairer than wall time when the cores are shared with other jobs.
     info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
@@ -104,12 +127,17 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     return info
 
 
-def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: int) -> dict:
-    """llm-compressor's GPTQModifier through its oneshot entry point, on our windows."""
+def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: int, mse: bool = False) -> dict:
+    """llm-compressor's GPTQModifier through its oneshot entry point, on our windows.
+
+    ``mse``: its MSE weight observer ("mse", which GPTQModifier runs memoryless on the original
+    weights, as our act-order static does) with our MSEGrid's grid, shrink range, norm and patience."""
     import llmcompressor
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from compress.quant.gptq import MSEGrid
 
     scheme = {
         "group_0": {
@@ -120,6 +148,7 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
                 "symmetric": symmetric,
                 "strategy": "group",
                 "group_size": group,
+                **(_peer_mse_observer(MSEGrid()) if mse else {}),
             },
         }
     }
@@ -142,12 +171,21 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
     return {"peer_version": llmcompressor.__version__, "quantized_linears": quantized}
 
 
+def _peer_mse_observer(grid) -> dict:
+    kwargs = {"grid": float(grid.grid), "maxshrink": grid.max_shrink, "norm": grid.norm, "patience": grid.patience}
+    return {"observer": "mse", "observer_kwargs": kwargs}
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
 
-def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, seed: int) -> dict:
+def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, seed: int, eval_skip: int = 0) -> dict:
+    """Cut the windows once and write them to ``path`` (atomically: two drivers may share a --keep-dir).
+
+    ``eval_skip``: evaluate on windows ``eval_skip`` .. ``eval_skip + eval_windows`` of the evaluation
+    text, so that a proxy study choosing settings never sees the windows a reported run uses."""
     import torch
     from safetensors.torch import save_file
 
@@ -156,15 +194,25 @@ def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, 
     loaded = models.load("smollm2", "float32", "cpu")
     corpus = data.load_corpus("wiki")
     calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, calibration, seq_len, seed)
-    evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, seq_len, eval_windows)
+    evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, seq_len, eval_skip + eval_windows)
+    evalw = evalw[eval_skip:]
+    if evalw.shape[0] < eval_windows:
+        raise SystemExit(f"the evaluation text has only {evalw.shape[0] + eval_skip} windows of {seq_len} tokens")
     if path.exists():  # a reused --keep-dir: its results are only comparable on the same windows
         from safetensors.torch import load_file
 
         old = load_file(str(path))
         if not (torch.equal(old["calibration"], calib) and torch.equal(old["evaluation"], evalw)):
             raise SystemExit(f"{path} holds other windows than these options give: use another --keep-dir")
-    save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(path))
-    return {"data": corpus.describe(), "calibration": list(calib.shape), "evaluation": list(evalw.shape)}
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(partial))
+    os.replace(partial, path)
+    return {
+        "data": corpus.describe(),
+        "calibration": list(calib.shape),
+        "evaluation": list(evalw.shape),
+        "evaluation_first_window": eval_skip,
+    }
 
 
 def run_job(job: str, windows: Path, opts) -> dict:
@@ -215,8 +263,9 @@ def table(results: dict[str, dict], group: int) -> str:
 def ratios(results: dict[str, dict]) -> list[str]:
     out = []
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
-    for kind in ("sym", "asym"):
-        ours, peer, rtn = (results.get(f"{m}-{kind}", {}) for m in ("ours", "peer", "rtn"))
+    for kind in ("sym", "asym", "sym-mse", "asym-mse"):
+        ours, peer = results.get(f"ours-{kind}", {}), results.get(f"peer-{kind}", {})
+        rtn = results.get(f"rtn-{kind.split('-')[0]}", {})
         if "eval" in ours and "eval" in peer:
             cpu = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
@@ -230,12 +279,10 @@ def ratios(results: dict[str, dict]) -> list[str]:
             share = (ours["eval"]["perplexity"] - float_ppl) / (rtn["eval"]["perplexity"] - float_ppl)
             out.append(f"- {kind}: our GPTQ keeps {share:.1%} of RTN's perplexity increase over float")
     act = {j: results.get(j, {}) for j in ("ours-sym", "ours-sym-noact", "ours-sym-gidx")}
-    if all("eval" in r for r in act.values()):
-        out.append(
-            "- act-order (sym): static {:.3f}, off {:.3f}, g_idx {:.3f}".format(
-                *(r["eval"]["perplexity"] for r in act.values())
-            )
-        )
+    figures = [f"{label} {r['eval']['perplexity']:.3f}" for label, r in zip(("static", "off", "g_idx"), act.values())
+               if "eval" in r]
+    if len(figures) > 1:
+        out.append("- act-order (sym): " + ", ".join(figures))
     return out
 
 
@@ -243,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--calibration", type=int, default=32, help="calibration windows")
     p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-skip", type=int, default=0, help="evaluate from this window on (a disjoint proxy set)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--group", type=int, default=64, help="64: the peer refuses 128 on 576-wide inputs")
     p.add_argument("--batch-size", type=int, default=8)
@@ -275,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(opts.keep_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         windows = folder / "windows.safetensors"
-        meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed)
+        meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed, opts.eval_skip)
         print(f"data: {meta}", flush=True)
         for job in jobs:
             done = folder / f"{job}.json"
@@ -303,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores, torch threads {opts.threads}, "
         f"load average at the end {load[0]:.1f}: the cores were shared with other jobs, so times are noisy).",
         f"Data: {meta['data']}; calibration {meta['calibration'][0]} x {meta['calibration'][1]} tokens, "
-        f"evaluation {meta['evaluation'][0]} x {meta['evaluation'][1]} (the same windows for every method). "
+        f"evaluation {meta['evaluation'][0]} x {meta['evaluation'][1]} from window {meta['evaluation_first_window']} "
+        "(the same windows for every method). "
         "Perplexity by the project's protocol (compress.evaluate). `lm_head` kept in float everywhere.",
         f"Versions: {versions}.",
         "Each method runs in its own process; quantize wall time covers only the quantization "

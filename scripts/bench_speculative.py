@@ -95,10 +95,9 @@ def hf_models(target_dir: Path, draft_dir: Path | None, device: torch.device, dt
     hf = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=dtype).to(device).eval()
     if draft_dir is None:
         return hf, None
-    from compress.runtime import formats
-    from compress.runtime.loader import read_config, read_tensors
+    from compress import checkpoint
 
-    _, quantized = formats.read_quantized(read_tensors(draft_dir), read_config(draft_dir))
+    quantized = checkpoint.read(draft_dir).quantized
     assistant = copy.deepcopy(hf)
     modules = dict(assistant.named_modules())
     with torch.no_grad():

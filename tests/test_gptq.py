@@ -254,6 +254,49 @@ def test_indefinite_hessian_raises_dampening_and_says_so():
     assert zero.dead_columns == 160 and torch.all(zero.qweight.dequantize() == 0)
 
 
+def slow_clip_search(w, args, grid: MSEGrid):
+    """Every shrink's error for every row first, then the stopping rule and a per-row argmin."""
+    shrinks = [1.0 - i / grid.grid for i in range(int(grid.max_shrink * grid.grid))]
+    params = [int4.compute_qparams(w, args, p) for p in shrinks]
+    errors = torch.stack(
+        [(int4.fake_quantize_rows(w, s, z, args.maxq) - w).abs().pow(grid.norm).sum(dim=1) for s, z in params]
+    )  # [steps, rows]
+    steps = len(shrinks)
+    if grid.patience is not None:
+        running_best = torch.cummin(errors, dim=0).values
+        improved = [True] + [bool((errors[k] < running_best[k - 1]).any()) for k in range(1, steps)]
+        stale = 0
+        for k in range(1, steps):
+            stale = 0 if improved[k] else stale + 1
+            if stale == grid.patience:
+                steps = k  # step k is the last one tried
+                break
+        steps = min(steps + 1, len(shrinks))
+    best = torch.argmin(errors[:steps], dim=0)  # the first of equal minima, as the search keeps
+    rows = torch.arange(w.shape[0])
+    scale = torch.stack([s for s, _ in params[:steps]])[best, rows]
+    zero = torch.stack([z for _, z in params[:steps]])[best, rows]
+    return scale, zero, steps
+
+
+@pytest.mark.parametrize("symmetric", (True, False))
+@pytest.mark.parametrize("patience", (None, 1, 3))
+def test_clip_search_agrees_with_slow_reference(symmetric, patience):
+    # Heavy-tailed rows: the best clip differs from row to row.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 32, generator=g) * torch.exp(torch.randn(64, 1, generator=g))
+    w[::5, 0] *= 6.0
+    args = QuantArgs(4, 32, symmetric)
+    grid = MSEGrid(grid=20, max_shrink=0.8, patience=patience)
+    scale, zero = group_qparams(w, args, grid)
+    expected_scale, expected_zero, steps = slow_clip_search(w, args, grid)
+    assert torch.equal(scale, expected_scale) and torch.equal(zero, expected_zero)
+    if patience == 1:
+        assert steps < 16  # the rule did stop the search early here
+    plain_scale, _ = int4.compute_qparams(w, args)
+    assert (scale < plain_scale).any()  # some rows clipped
+
+
 def test_bad_input_is_one_error():
     w, x = correlated_problem(seed=7)
     h = hessian_from_inputs(x)

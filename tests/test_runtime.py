@@ -282,7 +282,7 @@ def _write_checkpoint(folder, hf, records, fmt: str) -> None:
     else:
         weights = {"num_bits": 4, "group_size": 32, "strategy": "group", "symmetric": False}
         config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                         "config_groups": {"group_0": {"weights": weights}}}
+                                         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
     save_file(tensors, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, default=str))
 
@@ -294,6 +294,19 @@ def test_exported_folder_loads_and_matches(tmp_path, fmt, tokens):
     _write_checkpoint(tmp_path, hf, records, fmt)
     model, info = load_folder(tmp_path, backend="reference")
     assert info.quant_format == fmt and set(info.backends) == {"reference"}
+    assert rel_err(run_logits(model, tokens), hf(tokens).logits) < 1e-4
+
+
+def test_compression_config_key_is_read(tmp_path, tokens):
+    """Older compressed-tensors folders name the section ``compression_config``."""
+    hf = make_tiny_model("llama")
+    records = quantize_linears(hf, QuantArgs(4, 32, symmetric=False), act_order=False)
+    _write_checkpoint(tmp_path, hf, records, "compressed-tensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["compression_config"] = config.pop("quantization_config")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = load_folder(tmp_path, backend="reference")
+    assert info.quant_format == "compressed-tensors"
     assert rel_err(run_logits(model, tokens), hf(tokens).logits) < 1e-4
 
 

@@ -135,3 +135,39 @@ def test_bf16_linear_without_onednn_is_a_linear(rows):
     assert torch.backends.mkldnn.enabled == enabled
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), x.float() @ w.float().t(), rtol=1e-2, atol=2e-2)
+
+
+def test_bf16_one_row_linear_restores_onednn_across_threads():
+    """Threads overlapping in the one-row bfloat16 path leave the user's oneDNN setting as it was."""
+    import threading
+
+    from compress.runtime import model as runtime_model
+
+    if runtime_model._set_mkldnn is None:
+        pytest.skip("this torch build has no oneDNN switch")
+    weight = torch.randn(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    inside, release = threading.Barrier(3), threading.Event()
+    original = runtime_model.F.linear
+
+    def blocking_linear(*args):
+        inside.wait()  # both threads are in the oneDNN-off section at once
+        release.wait()
+        return original(*args)
+
+    before = torch._C._get_mkldnn_enabled()
+    runtime_model.F.linear = blocking_linear
+    try:
+        threads = [threading.Thread(target=runtime_model._bf16_linear_cpu, args=(x, weight, None)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        inside.wait()
+        assert torch._C._get_mkldnn_enabled() is False
+        release.set()
+        for t in threads:
+            t.join()
+    finally:
+        runtime_model.F.linear = original
+    assert torch._C._get_mkldnn_enabled() == before
+    ref = torch.nn.functional.linear(x.float(), weight.float())
+    torch.testing.assert_close(runtime_model._bf16_linear_cpu(x, weight, None).float(), ref, rtol=2e-2, atol=2e-2)

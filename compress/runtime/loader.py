@@ -8,7 +8,6 @@ the GPTQ (``qweight``/``qzeros``/``scales``/``g_idx``) or compressed-tensors
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from compress import checkpoint
 from compress.quant.int4 import QuantArgs, QuantizedWeight, quantize
-from compress.runtime import formats
 from compress.runtime.draft_head import ShortlistHead
 from compress.runtime.errors import RuntimeInputError
 from compress.runtime.int4_linear import Int4Linear, concat_quantized
@@ -41,38 +40,18 @@ class LoadInfo:
     weight_bytes: int = 0  # bytes of weights read per decoded token (embedding row excluded)
 
 
-def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise RuntimeInputError(f"{folder}: no config.json (expected an exported checkpoint or model folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RuntimeInputError(f"{path}: not valid JSON ({e})") from e
-
-
-def read_tensors(folder: Path) -> dict[str, Tensor]:
-    """Every tensor of every ``*.safetensors`` file in ``folder`` (safetensors only: no pickle)."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise RuntimeInputError(f"{folder}: no .safetensors files (the runtime reads safetensors only)")
-    tensors: dict[str, Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
 def load_folder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 backend: str = "auto", head: str = "float") -> tuple[Transformer, LoadInfo]:
     """``dtype`` None: bfloat16 on CUDA, and on CPU for int4 weights on the kernel; else float32."""
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise RuntimeInputError(f"checkpoint folder not found: {folder}")
-    config = read_config(folder)
-    tensors = read_tensors(folder)
-    quant_format, quantized = formats.read_quantized(tensors, config)
+    try:  # the same reader as `compress eval`: manifest checksums, sharded indexes, every layout
+        ckpt = checkpoint.read(folder)
+    except checkpoint.CheckpointError as e:
+        raise RuntimeInputError(str(e)) from None
+    config, tensors, quantized, quant_format = ckpt.config, ckpt.tensors, ckpt.quantized, ckpt.format
+    for name, qw in quantized.items():
+        if qw.bits != 4:
+            raise RuntimeInputError(f"{name}: {qw.bits}-bit weights (the runtime reads 4 bits)")
     if dtype is None:
         on_kernel = (bool(quantized) or head == "int4") and backend != "reference"
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" or on_kernel else torch.float32

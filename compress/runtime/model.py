@@ -20,8 +20,10 @@ the path on CUDA (and under torch.compile), and the oracle the fast path is test
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -523,20 +525,34 @@ def _bf16_linear_cpu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """bfloat16 F.linear on CPU; one or two rows skip oneDNN, whose bfloat16 matrix-vector product
     takes about twice as long as ATen's for the (memory-bound) output layer; both accumulate in float32.
 
-    The switch is process-wide for the duration of the call: another thread's bfloat16 matmul at
-    that moment may also run without oneDNN, and two threads in here at once can leave it off
-    (slower many-row bfloat16 matmuls afterwards, same results).
+    The switch is process-wide while any thread is in here: another thread's bfloat16 matmul at that
+    moment may also run without oneDNN (slower, same results). Entries are counted under a lock, so
+    the user's setting comes back when the last one leaves.
     """
     if x.shape[0] > 2 or _set_mkldnn is None:
         return F.linear(x, weight, bias)
-    # Only the one switch (torch.backends.mkldnn.flags also resets the TF32 and precision settings).
-    previous = _get_mkldnn()
-    _set_mkldnn(False)
-    try:
+    with _without_mkldnn():
         return F.linear(x, weight, bias)
-    finally:
-        _set_mkldnn(previous)
 
 
 _get_mkldnn = getattr(torch._C, "_get_mkldnn_enabled", None)
 _set_mkldnn = getattr(torch._C, "_set_mkldnn_enabled", None) if _get_mkldnn is not None else None
+_mkldnn_lock = threading.Lock()
+_mkldnn_state = {"users": 0, "saved": True}
+
+
+@contextlib.contextmanager
+def _without_mkldnn() -> Iterator[None]:
+    # Only the one switch (torch.backends.mkldnn.flags also resets the TF32 and precision settings).
+    with _mkldnn_lock:
+        if _mkldnn_state["users"] == 0:
+            _mkldnn_state["saved"] = _get_mkldnn()
+            _set_mkldnn(False)
+        _mkldnn_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _mkldnn_lock:
+            _mkldnn_state["users"] -= 1
+            if _mkldnn_state["users"] == 0:
+                _set_mkldnn(_mkldnn_state["saved"])

@@ -207,7 +207,8 @@ def test_checkpoint_checksum_failures(checkpoints, tmp_path, capsys, fmt, damage
         models.load(folder)
     assert "\n" not in str(e.value)
     capsys.readouterr()
-    for argv in (["inspect", str(folder)], ["eval", str(folder), "-q"]):
+    generate = ["generate", str(folder), "--prompt", "hi", "--max-new-tokens", "1"]
+    for argv in (["inspect", str(folder)], ["eval", str(folder), "-q"], generate):
         assert main(argv) == 2, argv
         assert_one_line_error(capsys.readouterr().err, *needles)
 
