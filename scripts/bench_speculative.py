@@ -9,8 +9,10 @@ paragraph of the corpus's evaluation split). Rows:
   transformers plain / assisted (assistant_model: the same draft weights, dequantized) / prompt lookup
 Every row is checked against plain greedy output (speculative decoding must not change it).
 
-    python scripts/bench_speculative.py --draft outputs/smollm2-draft --threads 1 --clock cpu \
-        --out eval/results/speculative-cpu.md
+    python scripts/bench_speculative.py --draft outputs/smollm2-draft --draft-head float shortlist --k 3 4 \
+        --siblings 0 2 --threads 1 --clock cpu --out eval/results/speculative-cpu.md
+
+Defaults are those of `compress generate --draft`: shortlist head, k=3, 2 siblings, the target's KV.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def main() -> int:
     p.add_argument("--draft-kv", choices=["target", "own", "both"], default="target",
                    help="a self-draft takes the target's keys and values (no draft prefill), computes its own, "
                    "or both rows")
-    p.add_argument("--siblings", type=int, nargs="+", default=[0],
+    p.add_argument("--siblings", type=int, nargs="+", default=[2],
                    help="greedy verify passes also check the model draft's second choices at the first N positions; "
                    "one row per value")
     p.add_argument("--new-tokens", type=int, default=64)
