@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_common import make_windows, peak_rss_bytes, run_worker  # noqa: E402  (scripts/ is on sys.path)
+from bench_common import versions as bench_versions  # noqa: E402
 
 JOBS = {
     "float": "float32 model, no quantization",
@@ -44,10 +45,6 @@ JOBS = {
     "awq-gptq-mse": "our AWQ (no clip, GQA-aware v→o) + our GPTQ (act-order static, per-group range search)",
     "awq-gptq-novo-mse": "our AWQ (no clip, no v→o scaling) + our GPTQ (act-order static, per-group range search)",
 }
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -167,33 +164,10 @@ def run_peer(model, tokenizer, calib, opts) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def make_windows(path: Path, opts) -> dict:
-    from safetensors.torch import save_file
-
-    from compress import data, models
-
-    loaded = models.load("smollm2", "float32", "cpu")
-    corpus = data.load_corpus("wiki")
-    calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, opts.calibration, opts.seq_len, opts.seed)
-    evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, opts.seq_len, opts.eval_windows)
-    save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(path))
-    return {"data": corpus.describe(), "calibration": list(calib.shape), "evaluation": list(evalw.shape)}
-
-
 def run_job(job: str, windows: Path, opts) -> dict:
-    out = windows.parent / f"{job}.json"
-    cmd = [sys.executable, __file__, "--worker", job, "--windows", str(windows), "--json", str(out)]
-    cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads)]
-    cmd += ["--coarse-step", str(opts.coarse_step), "--search-tokens", str(opts.search_tokens)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads), "TRANSFORMERS_VERBOSITY": "error"}
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"job": job, "error": "\n".join(tail), "process_seconds": time.perf_counter() - t}
-    result = json.loads(out.read_text())
-    result["process_seconds"] = time.perf_counter() - t
-    return result
+    args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size),
+            "--coarse-step", str(opts.coarse_step), "--search-tokens", str(opts.search_tokens)]
+    return run_worker(__file__, job, windows, args, opts.threads)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -274,7 +248,7 @@ def write_report(path: Path, command: str, meta: dict, results: dict, opts, elap
         "clip search (q/k skipped) unless the job says otherwise. The peer: AWQModifier(duo_scaling=True, "
         "n_grid=20) (no clip search; v→o skipped on grouped heads), then QuantizationModifier; "
         "IntermediatesCache.pin_memory patched out (it needs an accelerator).",
-        f"Versions: {_versions()}.",
+        f"Versions: {bench_versions()}.",
         "Quantize wall and CPU (process) time cover the transform and quantization only (our layer-by-layer "
         "run, or the peer's oneshot); peak RSS is the process's (model loading included, the same for all).",
         "",
@@ -328,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.output)
     with tempfile.TemporaryDirectory(prefix="bench-awq-") as tmp:
         windows = Path(tmp) / "windows.safetensors"
-        meta = make_windows(windows, opts)
+        meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed)
         print(f"data: {meta}", flush=True)
         for job in jobs:
             results[job] = run_job(job, windows, opts)
@@ -338,17 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             write_report(out, command, meta, results, opts, time.perf_counter() - t0, done=False)
     print(write_report(out, command, meta, results, opts, time.perf_counter() - t0, done=True))
     return 0
-
-
-def _versions() -> str:
-    parts = []
-    for name in ("torch", "transformers", "llmcompressor", "compressed_tensors"):
-        try:
-            module = __import__(name)
-            parts.append(f"{name} {module.__version__}")
-        except Exception:  # a missing peer is reported, not fatal
-            parts.append(f"{name} missing")
-    return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_common import make_windows, peak_rss_bytes, run_worker  # noqa: E402  (scripts/ is on sys.path)
+from bench_common import versions as bench_versions  # noqa: E402
 
 # (job name, what it is) in run order. Our jobs' options are read from the name's parts
 # (see ours_options); "mse" is the per-group clip search (MSEGrid: grid 100, shrinks down to
@@ -67,10 +68,6 @@ def ours_options(job: str) -> dict:
         "mse": "mse" in parts,
         "damp_percent": damp[0] if damp else 0.01,
     }
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------------
@@ -181,55 +178,9 @@ def _peer_mse_observer(grid) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, seed: int, eval_skip: int = 0) -> dict:
-    """Cut the windows once and write them to ``path`` (atomically: two drivers may share a --keep-dir).
-
-    ``eval_skip``: evaluate on windows ``eval_skip`` .. ``eval_skip + eval_windows`` of the evaluation
-    text, so that a proxy study choosing settings never sees the windows a reported run uses."""
-    import torch
-    from safetensors.torch import save_file
-
-    from compress import data, models
-
-    loaded = models.load("smollm2", "float32", "cpu")
-    corpus = data.load_corpus("wiki")
-    calib = data.calibration_windows(loaded.tokenizer, corpus.calibration, calibration, seq_len, seed)
-    evalw = data.evaluation_windows(loaded.tokenizer, corpus.evaluation, seq_len, eval_skip + eval_windows)
-    evalw = evalw[eval_skip:]
-    if evalw.shape[0] < eval_windows:
-        raise SystemExit(f"the evaluation text has only {evalw.shape[0] + eval_skip} windows of {seq_len} tokens")
-    if path.exists():  # a reused --keep-dir: its results are only comparable on the same windows
-        from safetensors.torch import load_file
-
-        old = load_file(str(path))
-        if not (torch.equal(old["calibration"], calib) and torch.equal(old["evaluation"], evalw)):
-            raise SystemExit(f"{path} holds other windows than these options give: use another --keep-dir")
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    save_file({"calibration": calib.contiguous(), "evaluation": evalw.contiguous()}, str(partial))
-    os.replace(partial, path)
-    return {
-        "data": corpus.describe(),
-        "calibration": list(calib.shape),
-        "evaluation": list(evalw.shape),
-        "evaluation_first_window": eval_skip,
-    }
-
-
 def run_job(job: str, windows: Path, opts) -> dict:
-    out = windows.parent / f"{job}.json"
-    cmd = [sys.executable, __file__, "--worker", job, "--windows", str(windows), "--json", str(out)]
-    cmd += ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--threads", str(opts.threads)]
-    t = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=opts.timeout)
-    except subprocess.TimeoutExpired:
-        return {"job": job, "error": f"killed after {opts.timeout} s", "process_seconds": time.perf_counter() - t}
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"job": job, "error": "\n".join(tail), "process_seconds": time.perf_counter() - t}
-    result = json.loads(out.read_text())
-    result["process_seconds"] = time.perf_counter() - t
-    return result
+    args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
+    return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout)
 
 
 def fmt_bytes(n: float) -> str:
@@ -339,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
 
     load = os.getloadavg()
-    versions = _versions()
+    versions = bench_versions()
     body = [
         "# GPTQ w4: ours vs llm-compressor (and RTN, float)",
         "",
@@ -373,17 +324,6 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return 0
-
-
-def _versions() -> str:
-    parts = []
-    for name in ("torch", "transformers", "llmcompressor", "compressed_tensors"):
-        try:
-            module = __import__(name)
-            parts.append(f"{name} {module.__version__}")
-        except Exception:  # a missing peer is reported, not fatal
-            parts.append(f"{name} missing")
-    return ", ".join(parts)
 
 
 if __name__ == "__main__":
