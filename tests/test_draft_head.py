@@ -62,18 +62,13 @@ def test_shortlist_head_argmax_is_the_exact_heads(backend):
 
 def test_runtime_draft_with_shortlist_head_is_exact():
     """Greedy speculation with an int4 self-draft whose head is a shortlist head: plain greedy output, k 1..8."""
-    from compress.quant.int4 import QuantArgs, quantize
-    from compress.runtime.generate import Runtime
-    from compress.runtime.loader import from_transformers
+    from tests.test_speculative import int4_records, runtime
 
     hf = make_tiny_model(layers=2, vocab=256, seed=0)
-    target_model, info = from_transformers(hf)
-    target = Runtime(target_model, None, info)
-    records = {name: quantize(mod.weight, QuantArgs(4, 32, True)) for name, mod in hf.named_modules()
-               if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
-    draft_model, draft_info = from_transformers(hf, records, head="shortlist")
+    target = runtime(hf)
+    draft_rt = runtime(hf, int4_records(hf), head="shortlist")
+    draft_model = draft_rt.model
     assert isinstance(draft_model.output, ShortlistHead)
-    draft_rt = Runtime(draft_model, None, draft_info)
     expected = target.generate_ids([PROMPT], 16).tokens[0]
     for k in range(1, 9):
         draft = ModelDraft(draft_model, kv_source=target.model)

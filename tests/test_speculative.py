@@ -345,27 +345,35 @@ def test_caches_consistent_after_rejections(k):
 # --------------------------------------------------------------------------- on the runtime's static-cache model
 
 
-@pytest.fixture(scope="module")
-def runtime_models():
-    """Target (float), its int4 self-draft and an unrelated draft, as runtime models."""
-    from compress.quant.int4 import QuantArgs, quantize
+def runtime(hf_model, records=None, **kwargs):
+    """A runtime (model + generation) of a transformers model, with int4 ``records`` for some linears."""
     from compress.runtime.generate import Runtime
     from compress.runtime.loader import from_transformers
 
-    def runtime(hf_model, records=None, backend="auto"):
-        model, info = from_transformers(hf_model, records, backend=backend)
-        return Runtime(model, None, info)
+    model, info = from_transformers(hf_model, records, **kwargs)
+    return Runtime(model, None, info)
 
+
+def int4_records(hf_model) -> dict:
+    """RTN w4 g32 records of every linear but the output layer: the tests' int4 self-draft."""
+    from compress.quant.int4 import QuantArgs, quantize
+
+    return {name: quantize(mod.weight, QuantArgs(4, 32, True)) for name, mod in hf_model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+
+
+def build_runtime_models():
+    """Target (float), its int4 self-draft and an unrelated draft, as runtime models."""
     hf = make_tiny_model(layers=2, vocab=64, seed=0)
     target = runtime(hf)
-    records = {
-        name: quantize(mod.weight, QuantArgs(4, 32, True))
-        for name, mod in hf.named_modules()
-        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name
-    }
-    self_draft = runtime(hf, records, backend="reference")
+    self_draft = runtime(hf, int4_records(hf), backend="reference")
     other = runtime(make_tiny_model(layers=1, hidden=32, intermediate=64, vocab=64, seed=1))
     return target, self_draft, other
+
+
+@pytest.fixture(scope="module")
+def runtime_models():
+    return build_runtime_models()
 
 
 def test_runtime_greedy_equals_plain(runtime_models):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compress.runtime.speculative import ModelDraft, generate_runtime, tree_inputs
-from tests.conftest import make_tiny_model, torch_threads
-from tests.test_speculative import PROMPT
+from tests.conftest import torch_threads
+from tests.test_speculative import PROMPT, build_runtime_models
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -18,20 +18,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def models():
-    from compress.quant.int4 import QuantArgs, quantize
-    from compress.runtime.generate import Runtime
-    from compress.runtime.loader import from_transformers
-
-    hf = make_tiny_model(layers=2, vocab=64, seed=0)
-    target_model, target_info = from_transformers(hf)
-    target = Runtime(target_model, None, target_info)
-    records = {name: quantize(mod.weight, QuantArgs(4, 32, True)) for name, mod in hf.named_modules()
-               if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
-    model, info = from_transformers(hf, records, backend="reference")
-    self_draft = Runtime(model, None, info)
-    other_model, other_info = from_transformers(make_tiny_model(layers=1, hidden=32, intermediate=64, vocab=64, seed=1))
-    other = Runtime(other_model, None, other_info)
-    return target, self_draft, other
+    """The same target, int4 self-draft and unrelated draft as tests/test_speculative.py."""
+    return build_runtime_models()
 
 
 def test_tree_inputs():
