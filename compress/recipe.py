@@ -84,6 +84,17 @@ class GPTQStage(QuantStage):
     act_order: Literal["none", "static", "g_idx"] = "static"
     mse: bool = Field(False, description="search a clipped range per group minimizing quantization error")
     true_sequential: bool = True
+    float_target: bool = Field(
+        False,
+        description="fit the float model's outputs from the quantized model's inputs (GPTAQ); "
+        "costs a float forward of each layer more",
+    )
+
+    @model_validator(mode="after")
+    def _float_target_needs_true_sequential(self) -> GPTQStage:
+        if self.float_target and not self.true_sequential:
+            raise ValueError("float_target needs true_sequential: true")
+        return self
 
 
 class AWQStage(Strict):

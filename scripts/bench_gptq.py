@@ -31,7 +31,8 @@ from bench_common import versions as bench_versions  # noqa: E402
 
 # (job name, what it is) in run order. Our jobs' options are read from the name's parts
 # (see ours_options); "mse" is the per-group clip search (MSEGrid: grid 100, shrinks down to
-# 0.2, norm 2.4, patience 5), the peer's "mse" its MSE weight observer set to the same grid.
+# 0.2, norm 2.4, patience 5), the peer's "mse" its MSE weight observer set to the same grid; "ft" is the
+# float target (GPTAQ: GPTQ fitting the float model's outputs).
 JOBS = {
     "float": "float32 model, no quantization",
     "rtn-sym": "RTN w4 g{g} symmetric",
@@ -47,6 +48,10 @@ JOBS = {
     "ours-sym-mse": "our GPTQ w4 g{g} sym, act-order static, true-sequential, MSE clip search per group",
     "ours-asym-mse": "our GPTQ w4 g{g} asym, act-order static, true-sequential, MSE clip search per group",
     "ours-asym-mse-seq-off": "our GPTQ w4 g{g} asym, act-order static, MSE clip search, true-sequential off",
+    "ours-sym-ft": "our GPTQ w4 g{g} sym, act-order static, true-sequential, float target (GPTAQ)",
+    "ours-asym-ft": "our GPTQ w4 g{g} asym, act-order static, true-sequential, float target (GPTAQ)",
+    "ours-sym-mse-ft": "our GPTQ w4 g{g} sym, act-order static, true-sequential, MSE clip search, float target",
+    "ours-asym-mse-ft": "our GPTQ w4 g{g} asym, act-order static, true-sequential, MSE clip search, float target",
     "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
     "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
@@ -66,6 +71,7 @@ def ours_options(job: str) -> dict:
         "act_order": "none" if "noact" in parts else "g_idx" if "gidx" in parts else "static",
         "true_sequential": not job.endswith("seq-off"),
         "mse": "mse" in parts,
+        "float_target": "ft" in parts,
         "damp_percent": damp[0] if damp else 0.01,
     }
 

@@ -33,6 +33,8 @@ for each group of linears (:meth:`GPTQStage.collect_hessians`), which gives the 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -169,6 +171,49 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
 def act_order_permutation(h: Tensor) -> Tensor:
     """Columns by decreasing Hessian diagonal (stable, so equal diagonals keep their order)."""
     return torch.argsort(torch.diag(h), descending=True, stable=True)
+
+
+def float_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp_fraction: float) -> Tensor:
+    """The weight GPTQ should aim at when this linear's inputs have drifted from the float model's.
+
+    GPTAQ (Li et al., 2025), as a change of target. With X the float model's inputs of the
+    linear, X̃ those it receives in the partly quantized model, H = 2/n·X̃ᵀX̃ and
+    ``cross`` = 2/n·X̃ᵀ(X − X̃), the minimizer of ‖X̃W'ᵀ − XWᵀ‖² + λ‖W' − W‖² (2/n-scaled) is
+
+        W' = W + W·crossᵀ·(H + λI)⁻¹,   λ = damp_fraction · mean(diag H),
+
+    and for every Ŵ that objective is (Ŵ − W')(H + λI)(Ŵ − W')ᵀ summed over rows, plus a
+    constant: exactly the loss GPTQ with dampening λ minimizes. So GPTQ on (W', H) fits the
+    *float* model's outputs from the inputs the quantized model really gives this linear,
+    instead of re-fitting its own drifted outputs. With X̃ = X (cross = 0), W' = W.
+
+    Returns W' in float32 (float64 for a float64 weight); ``hessian`` is left unchanged.
+    """
+    if hessian.shape != cross.shape or hessian.dim() != 2 or hessian.shape[0] != weight.shape[1]:
+        raise GPTQError(
+            f"Hessian {tuple(hessian.shape)} and cross term {tuple(cross.shape)} do not fit a weight "
+            f"of shape {tuple(weight.shape)}"
+        )
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if not (torch.isfinite(hessian).all() and torch.isfinite(cross).all()):
+        raise GPTQError("the Hessian or the cross term has non-finite entries")
+    w = weight.to(dtype)
+    mean_diag = torch.diag(hessian).mean().item()
+    if not mean_diag > 0:  # no input at all: nothing to correct
+        return w.clone()
+    damped = hessian.to(dtype, copy=True)
+    diag = damped.diagonal()
+    undamped = diag.clone()
+    fraction = damp_fraction
+    for _ in range(12):  # as inverse_cholesky: raise λ until the factorization succeeds
+        diag.copy_(undamped).add_(fraction * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(damped)
+        if info.item() == 0:
+            correction = torch.cholesky_solve(cross.to(dtype) @ w.T, chol)  # (H + λI)⁻¹ · cross · Wᵀ
+            if torch.isfinite(correction).all():
+                return w + correction.T
+        fraction *= 10.0
+    raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
 
 # ---------------------------------------------------------------------------
@@ -479,6 +524,29 @@ class HessianAccumulator:
         return h.add_(h.triu(diagonal=1).T).mul_(2.0 / self.tokens)
 
 
+class CrossAccumulator:
+    """Running Σ x̃ (x − x̃)ᵀ (float32) over the tokens of two aligned inputs of one linear:
+    x̃ as the partly quantized model gives it, x as the float model does. :meth:`value`
+    gives 2/n·Σ, the ``cross`` of :func:`float_target_weight`."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x_quantized: Tensor, x_float: Tensor) -> None:
+        if x_quantized.shape != x_float.shape:
+            raise GPTQError(f"inputs of shapes {tuple(x_quantized.shape)} and {tuple(x_float.shape)} do not align")
+        xq = x_quantized.reshape(-1, x_quantized.shape[-1]).float()
+        drift = x_float.reshape(-1, x_float.shape[-1]).float() - xq
+        self.sum.addmm_(xq.T, drift)
+        self.tokens += xq.shape[0]
+
+    def value(self) -> Tensor:
+        if self.tokens == 0:
+            raise GPTQError("no calibration tokens reached this linear")
+        return self.sum.mul_(2.0 / self.tokens)
+
+
 class _StopLayer(Exception):
     pass
 
@@ -577,16 +645,25 @@ class _LlamaWalk:
         self.hidden, self.kwargs = hidden, kwargs
         self.drop_inputs = drop_inputs
         self.mlp_chunk = mlp_chunk
+        self.outputs: list[Tensor] = []
 
     def run(self, step) -> list[Tensor]:
+        for names, xs in self.steps():
+            step(names, xs)
+        return self.outputs
+
+    def steps(self) -> Iterator[tuple[tuple[str, ...], list[Tensor]]]:
+        """The walk as a generator: yields (linear names, every batch's input) at each cut and
+        goes on when resumed; the layer's outputs are then in ``self.outputs``. Lets two walks
+        (the float layer's and the quantized one's) advance cut by cut side by side."""
         m, seq = self.m, self.seq
         xs = [m["input_norm"](h) for h in self.hidden]
-        step(seq[0], xs)
+        yield seq[0], xs
         attn = m["attention"]
         for i, kw in enumerate(self.kwargs):
             x = xs[i]
             xs[i] = _input_of(m["o_proj"], lambda x=x, kw=kw: attn(hidden_states=x, **kw))
-        step(seq[1], xs)
+        yield seq[1], xs
         # residual + attention output, as the layer adds them; one batch at a time, each
         # batch's attention output (and input, if allowed) freed as its residual is made.
         residual = []
@@ -595,18 +672,18 @@ class _LlamaWalk:
             if self.drop_inputs:
                 self.hidden[i] = None
             xs[i] = m["post_norm"](residual[i])
-        step(seq[2], xs)
+        yield seq[2], xs
         for i in range(len(xs)):
             x = xs[i]
             xs[i] = None
             xs[i] = self._down_input(x)
             del x
-        step(seq[3], xs)
+        yield seq[3], xs
         out = []
         for i in range(len(xs)):
             out.append(residual[i] + m["down"](xs[i]))
             xs[i] = residual[i] = None  # free as we go: the outputs replace them
-        return out
+        self.outputs = out
 
     def _down_input(self, x: Tensor) -> Tensor:
         """down_proj's input for the batch ``x`` (the MLP up to down_proj), ``mlp_chunk`` windows at a time."""
@@ -641,13 +718,21 @@ class GPTQStage(QuantizingStage):
         act_order: ActOrder = "static",
         mse: bool = False,
         true_sequential: bool = True,
+        float_target: bool = False,
     ):
+        """``float_target``: fit each linear to the float model's outputs (GPTAQ; see
+        :func:`float_target_weight`), walking the float layer beside the quantized one; needs
+        ``true_sequential`` and a Llama-family layer (others are quantized without it, with a note)."""
         super().__init__(args, ignore)
         self.damp_percent = damp_percent
         self.block_size = block_size
         self.act_order = act_order
         self.mse = MSEGrid() if mse else None
         self.true_sequential = true_sequential
+        self.float_target = float_target
+        # The float model's inputs of the next layer (float_target), and that layer's index.
+        self._float_hidden: list[Tensor] | None = None
+        self._float_hidden_layer: int | None = None
         # One-pass true-sequential for Llama-family layers; False forces the re-running method.
         self.stepwise = True
         # Windows at a time for the MLP up to down_proj in the walk (None: whole batches).
@@ -666,12 +751,21 @@ class GPTQStage(QuantizingStage):
             act_order=entry.act_order,
             mse=entry.mse,
             true_sequential=entry.true_sequential,
+            float_target=entry.float_target,
         )
 
     def apply_layer(self, ctx: LayerContext) -> None:
         if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
-            self._apply_layer_stepwise(ctx)
+            if self.float_target:
+                self._apply_layer_float_target(ctx)
+            else:
+                self._apply_layer_stepwise(ctx)
             return
+        if self.float_target:
+            self._float_hidden = None  # the float stream cannot go through this layer
+            message = f"{ctx.name}: float target needs the step-by-step walk; quantized against its own inputs"
+            self.notes.append(message)
+            log.warning(message)
         steps = ctx.arch.sequential if self.true_sequential else (ctx.arch.linears,)
         for names in steps:
             targets = list(self.targets(ctx, names))
@@ -739,10 +833,64 @@ class GPTQStage(QuantizingStage):
         )
         ctx.outputs = walk.run(quantize_step)
 
-    def quantize_linears(self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor) -> None:
+    @torch.no_grad()
+    def _apply_layer_float_target(self, ctx: LayerContext) -> None:
+        """The step-by-step walk of the quantized layer and, cut by cut beside it, of a float copy
+        of the layer fed the float model's hidden states: each group of linears gets the
+        Hessian of its quantized-model inputs and their cross term with the float ones."""
+        if self._float_hidden is not None and self._float_hidden_layer == ctx.index:
+            float_hidden = self._float_hidden
+        else:
+            if ctx.index != 0:
+                message = f"{ctx.name}: float target starts here, from the quantized model's inputs (resumed run?)"
+                self.notes.append(message)
+                log.warning(message)
+            float_hidden = list(ctx.inputs.hidden)
+        self._float_hidden = None
+        float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
+        float_walk = _LlamaWalk(float_ctx, float_hidden, ctx.inputs.kwargs, drop_inputs=True, mlp_chunk=self.mlp_chunk)
+        walk = _LlamaWalk(
+            ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
+        )
+        for (names, xs), (float_names, float_xs) in zip(walk.steps(), float_walk.steps(), strict=True):
+            assert names == float_names
+            targets = list(self.targets(ctx, names))
+            if not targets:
+                continue
+            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
+            cross = CrossAccumulator(xs[0].shape[-1], xs[0].device)
+            for x, x_float in zip(xs, float_xs, strict=True):
+                acc.add(x)
+                cross.add(x, x_float)
+            self.quantize_linears(ctx.name, targets, acc.hessian(), cross.value())
+        ctx.outputs = walk.outputs
+        self._float_hidden, self._float_hidden_layer = float_walk.outputs, ctx.index + 1
+
+    def resume_state(self) -> dict:
+        """The float model's hidden states for the next layer (float_target), so that a resumed
+        run goes on with them (compress/resume.py)."""
+        if not self.float_target or self._float_hidden is None:
+            return {}
+        return {"float_hidden": list(self._float_hidden), "float_hidden_layer": self._float_hidden_layer}
+
+    def load_resume_state(self, state: dict) -> None:
+        if self.float_target and "float_hidden" in state:
+            self._float_hidden = list(state["float_hidden"])
+            self._float_hidden_layer = int(state["float_hidden_layer"])
+
+    def quantize_linears(
+        self, prefix: str, members: list[tuple[str, nn.Linear]], hessian: Tensor, cross: Tensor | None = None
+    ) -> None:
+        """One GPTQ run on the stacked rows of ``members`` (which share ``hessian``); with
+        ``cross``, towards their float-target weight (:func:`float_target_weight`)."""
         weights = [module.weight.data for _, module in members]
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if cross is not None:
+            with _one_thread_on_cpu(weight.device):
+                weight = float_target_weight(weight, hessian, cross, self.damp_percent)
+            del cross
         result = run_gptq(
-            torch.cat(weights) if len(weights) > 1 else weights[0],
+            weight,
             hessian,
             self.args,
             self.damp_percent,

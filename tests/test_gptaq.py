@@ -1,0 +1,204 @@
+"""GPTQ towards the float model's outputs (``float_target``, GPTAQ): the math against a direct
+least-squares solve, and the stage's float walk against the float model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import recipe as R
+from compress import stages
+from compress.arch import arch_for
+from compress.calibrate import run_layerwise
+from compress.quant.gptq import (
+    CrossAccumulator,
+    GPTQError,
+    GPTQStage,
+    float_target_weight,
+    hessian_from_inputs,
+    run_gptq,
+)
+from compress.quant.int4 import QuantArgs
+from tests.conftest import make_tiny_model, torch_threads
+from tests.test_gptq import _calibration, correlated_problem
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+def drifted(x: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
+    """``x`` as a quantized model would pass it on: a correlated distortion plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[1]
+    mix = torch.eye(n, dtype=x.dtype) + strength * torch.randn(n, n, generator=g, dtype=x.dtype) / n**0.5
+    return x @ mix + strength * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def hessian64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return 2.0 / x.shape[0] * (x.T @ x)
+
+
+def cross_of(x_quantized: torch.Tensor, x_float: torch.Tensor) -> torch.Tensor:
+    return 2.0 / x_quantized.shape[0] * (x_quantized.T @ (x_float - x_quantized))
+
+
+def objective(x_float, x_quantized, w, w_hat, lam):
+    """2/n·‖X̃Ŵᵀ − XWᵀ‖² + λ‖Ŵ − W‖², in float64."""
+    xf, xq, w, w_hat = (t.double() for t in (x_float, x_quantized, w, w_hat))
+    return (2.0 / xq.shape[0] * ((xq @ w_hat.T - xf @ w.T) ** 2).sum() + lam * ((w_hat - w) ** 2).sum()).item()
+
+
+def test_float_target_is_the_damped_least_squares_fit():
+    w, x = correlated_problem(seed=3, dtype=torch.float64)
+    xq = drifted(x, 0.3, seed=4)
+    h, cross = hessian64(xq), cross_of(xq, x)
+    target = float_target_weight(w, h, cross, 0.01)
+    # Direct solve of the normal equations: (H + λI) W'ᵀ = 2/n·X̃ᵀX·Wᵀ + λWᵀ.
+    lam = 0.01 * torch.diag(h).mean().item()
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    expected = torch.linalg.solve(h + lam * eye, 2.0 / x.shape[0] * (xq.T @ x) @ w.T + lam * w.T).T
+    torch.testing.assert_close(target, expected, rtol=1e-8, atol=1e-10)
+    # ... and the objective at W' is below that at W and at small perturbations of W'.
+    best = objective(x, xq, w, target, lam)
+    assert best < objective(x, xq, w, w, lam)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        nudged = target + 1e-3 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+        assert best < objective(x, xq, w, nudged, lam)
+
+
+def test_float_objective_is_gptq_loss_around_the_target_plus_a_constant():
+    """What makes GPTQ on (W', H) the right thing: for every Ŵ, the float-output objective equals
+    (Ŵ − W')(H + λI)(Ŵ − W')ᵀ plus a constant independent of Ŵ."""
+    w, x = correlated_problem(seed=5, dtype=torch.float64)
+    xq = drifted(x, 0.5, seed=6)
+    h, cross = hessian64(xq), cross_of(xq, x)
+    lam = 0.01 * torch.diag(h).mean().item()
+    target = float_target_weight(w, h, cross, 0.01)
+    damped = h + lam * torch.eye(h.shape[0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    constants = []
+    for _ in range(4):
+        w_hat = w + 0.02 * torch.randn(w.shape, generator=g, dtype=torch.float64)
+        around = ((w_hat - target) @ damped * (w_hat - target)).sum().item()
+        constants.append(objective(x, xq, w, w_hat, lam) - around)
+    assert max(constants) - min(constants) < 1e-9 * max(abs(c) for c in constants)
+
+
+def test_no_drift_leaves_the_weight_alone_and_bad_input_is_one_error():
+    w, x = correlated_problem(seed=7)
+    h = hessian_from_inputs(x)
+    assert torch.equal(float_target_weight(w, h, torch.zeros_like(h), 0.01), w)
+    assert torch.equal(float_target_weight(w, torch.zeros_like(h), torch.zeros_like(h), 0.01), w)
+    with pytest.raises(GPTQError, match="do not fit"):
+        float_target_weight(w, h, h[:-1, :-1], 0.01)
+    bad = h.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(GPTQError, match="non-finite"):
+        float_target_weight(w, h, bad, 0.01)
+
+
+def test_cross_accumulator_in_batches_is_the_full_product():
+    _, x = correlated_problem(seed=8, tokens=512)
+    xq = drifted(x, 0.2, seed=9)
+    acc = CrossAccumulator(x.shape[1], x.device)
+    acc.add(xq[:128].reshape(16, 8, -1), x[:128].reshape(16, 8, -1))  # [batch, tokens, features] too
+    for start in range(128, 512, 128):
+        acc.add(xq[start : start + 128], x[start : start + 128])
+    torch.testing.assert_close(acc.value(), cross_of(xq, x).float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(GPTQError, match="do not align"):
+        acc.add(xq[:4], x[:5])
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", ["none", "static", "g_idx"])
+def test_gptq_on_the_float_target_fits_the_float_outputs_better(symmetric, act_order):
+    args = QuantArgs(4, 32, symmetric)
+    for seed in range(3):
+        w, x = correlated_problem(seed=10 + seed)
+        xq = drifted(x, 0.3, seed=20 + seed)
+        h = hessian_from_inputs(xq)
+        plain = run_gptq(w, h, args, act_order=act_order).qweight.dequantize()
+        target = float_target_weight(w, h, cross_of(xq, x), 0.01)
+        towards_float = run_gptq(target, h, args, act_order=act_order).qweight.dequantize()
+        error = {k: objective(x, xq, w, v, 0.0) for k, v in (("plain", plain), ("float", towards_float))}
+        assert error["float"] < error["plain"], (seed, error)
+
+
+def _last_layer_float_output(model, windows):
+    seen = []
+    last = model.model.layers[-1]
+    hook = last.register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=windows)
+    hook.remove()
+    return seen[0]
+
+
+def test_stage_walks_the_float_model_beside_the_quantized_one():
+    """Layer 0's q/k/v see the float inputs (no drift yet), so their records equal plain GPTQ's;
+    every later linear's differ; the float stream the stage carries is the float model's."""
+    windows = _calibration(seed=4, n=6)
+    float_out = _last_layer_float_output(make_tiny_model(layers=2), windows)
+    runs = {}
+    for float_target in (False, True):
+        model = make_tiny_model(layers=2)
+        stage = GPTQStage(QuantArgs(4, 32, False), ["lm_head"], float_target=float_target)
+        run_layerwise(model, arch_for(model), windows, [stage], batch_size=6, progress=False)
+        runs[float_target] = stage
+    plain, towards_float = runs[False].quantized, runs[True].quantized
+    assert plain.keys() == towards_float.keys() and len(plain) == 14
+    for name in plain:
+        same = all(torch.equal(getattr(plain[name], f), getattr(towards_float[name], f)) for f in ("codes", "scales"))
+        first_inputs = name.startswith("model.layers.0.self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj")
+        assert same == first_inputs, name
+    stage = runs[True]
+    assert stage._float_hidden_layer == 2
+    torch.testing.assert_close(torch.cat(stage._float_hidden), float_out, rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_float_target_run_equals_an_uninterrupted_one(tmp_path):
+    """The float stream goes through resume_state (saved by torch.save, read weights_only)."""
+    windows = _calibration(seed=5, n=4)
+    args = QuantArgs(4, 32, True)
+    whole = GPTQStage(args, ["lm_head"], float_target=True)
+    model = make_tiny_model(layers=2)
+    run_layerwise(model, arch_for(model), windows, [whole], batch_size=4, progress=False)
+
+    first = GPTQStage(args, ["lm_head"], float_target=True)
+    model = make_tiny_model(layers=2)
+    saved = {}
+
+    class StopAfterFirstLayer(Exception):
+        pass
+
+    def stop(index, inputs):
+        torch.save(first.resume_state(), tmp_path / "state.pt")
+        saved["inputs"] = inputs
+        raise StopAfterFirstLayer
+
+    with pytest.raises(StopAfterFirstLayer):
+        run_layerwise(model, arch_for(model), windows, [first], batch_size=4, progress=False, on_layer_done=stop)
+    second = GPTQStage(args, ["lm_head"], float_target=True)
+    second.load_resume_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    resume = {"batch_size": 4, "progress": False, "start_layer": 1, "inputs": saved["inputs"]}
+    run_layerwise(model, arch_for(model), windows, [second], **resume)
+    assert not [n for n in second.notes if "starts here" in n]
+    for name, qw in second.quantized.items():
+        assert torch.equal(qw.codes, whole.quantized[name].codes), name
+    # Without the state, a resumed run starts the float stream over, and says so.
+    third = GPTQStage(args, ["lm_head"], float_target=True)
+    run_layerwise(model, arch_for(model), windows, [third], **resume)
+    assert any("starts here" in n for n in third.notes)
+
+
+def test_recipe_option():
+    entry = R.GPTQStage(type="gptq", float_target=True)
+    assert stages.build(entry).float_target
+    assert GPTQStage(QuantArgs(4, 32, True)).resume_state() == {}
+    with pytest.raises(ValueError, match="float_target needs true_sequential"):
+        R.GPTQStage(type="gptq", float_target=True, true_sequential=False)
