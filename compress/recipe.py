@@ -84,10 +84,12 @@ class GPTQStage(QuantStage):
     act_order: Literal["none", "static", "g_idx"] = "static"
     mse: bool = Field(False, description="search a clipped range per group minimizing quantization error")
     true_sequential: bool = True
-    float_target: bool = Field(
-        False,
-        description="fit the float model's outputs from the quantized model's inputs (GPTAQ); "
-        "costs a float forward of each layer more",
+    float_target: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fit each linear's outputs this far (0-1) from the quantized model's own towards the "
+        "float model's, from the inputs the quantized model gives it (GPTAQ); costs a float forward per layer",
     )
 
     @model_validator(mode="after")

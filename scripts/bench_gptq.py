@@ -32,7 +32,7 @@ from bench_common import versions as bench_versions  # noqa: E402
 # (job name, what it is) in run order. Our jobs' options are read from the name's parts
 # (see ours_options); "mse" is the per-group clip search (MSEGrid: grid 100, shrinks down to
 # 0.2, norm 2.4, patience 5), the peer's "mse" its MSE weight observer set to the same grid; "ft" is the
-# float target (GPTAQ: GPTQ fitting the float model's outputs).
+# float target (GPTAQ: GPTQ fitting the float model's outputs; "ft0.25": strength 0.25).
 JOBS = {
     "float": "float32 model, no quantization",
     "rtn-sym": "RTN w4 g{g} symmetric",
@@ -52,6 +52,17 @@ JOBS = {
     "ours-asym-ft": "our GPTQ w4 g{g} asym, act-order static, true-sequential, float target (GPTAQ)",
     "ours-sym-mse-ft": "our GPTQ w4 g{g} sym, act-order static, true-sequential, MSE clip search, float target",
     "ours-asym-mse-ft": "our GPTQ w4 g{g} asym, act-order static, true-sequential, MSE clip search, float target",
+    **{
+        f"ours-{kind}-ft{a}": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, float target strength {a}"
+        for kind in ("sym", "asym")
+        for a in ("0.25", "0.5")
+    },
+    **{
+        f"ours-{kind}-mse-ft{a}": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, MSE clip search, "
+        f"float target strength {a}"
+        for kind in ("sym", "asym")
+        for a in ("0.25", "0.5")
+    },
     "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
     "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
@@ -71,7 +82,7 @@ def ours_options(job: str) -> dict:
         "act_order": "none" if "noact" in parts else "g_idx" if "gidx" in parts else "static",
         "true_sequential": not job.endswith("seq-off"),
         "mse": "mse" in parts,
-        "float_target": "ft" in parts,
+        "float_target": next((float(p[2:] or 1) for p in parts if p.startswith("ft")), 0.0),
         "damp_percent": damp[0] if damp else 0.01,
     }
 

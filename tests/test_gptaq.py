@@ -62,6 +62,11 @@ def test_float_target_is_the_damped_least_squares_fit():
     eye = torch.eye(h.shape[0], dtype=torch.float64)
     expected = torch.linalg.solve(h + lam * eye, 2.0 / x.shape[0] * (xq.T @ x) @ w.T + lam * w.T).T
     torch.testing.assert_close(target, expected, rtol=1e-8, atol=1e-10)
+    # Strength α: the same fit towards the outputs X̃Wᵀ + α(X − X̃)Wᵀ.
+    partway = xq + 0.25 * (x - xq)
+    expected_partway = torch.linalg.solve(h + lam * eye, 2.0 / x.shape[0] * (xq.T @ partway) @ w.T + lam * w.T).T
+    torch.testing.assert_close(float_target_weight(w, h, cross, 0.01, 0.25), expected_partway, rtol=1e-8, atol=1e-10)
+    assert torch.equal(float_target_weight(w, h, cross, 0.01, 0.0), w)
     # ... and the objective at W' is below that at W and at small perturbations of W'.
     best = objective(x, xq, w, target, lam)
     assert best < objective(x, xq, w, w, lam)
@@ -165,11 +170,11 @@ def test_resumed_float_target_run_equals_an_uninterrupted_one(tmp_path):
     """The float stream goes through resume_state (saved by torch.save, read weights_only)."""
     windows = _calibration(seed=5, n=4)
     args = QuantArgs(4, 32, True)
-    whole = GPTQStage(args, ["lm_head"], float_target=True)
+    whole = GPTQStage(args, ["lm_head"], float_target=1.0)
     model = make_tiny_model(layers=2)
     run_layerwise(model, arch_for(model), windows, [whole], batch_size=4, progress=False)
 
-    first = GPTQStage(args, ["lm_head"], float_target=True)
+    first = GPTQStage(args, ["lm_head"], float_target=1.0)
     model = make_tiny_model(layers=2)
     saved = {}
 
@@ -183,7 +188,7 @@ def test_resumed_float_target_run_equals_an_uninterrupted_one(tmp_path):
 
     with pytest.raises(StopAfterFirstLayer):
         run_layerwise(model, arch_for(model), windows, [first], batch_size=4, progress=False, on_layer_done=stop)
-    second = GPTQStage(args, ["lm_head"], float_target=True)
+    second = GPTQStage(args, ["lm_head"], float_target=1.0)
     second.load_resume_state(torch.load(tmp_path / "state.pt", weights_only=True))
     resume = {"batch_size": 4, "progress": False, "start_layer": 1, "inputs": saved["inputs"]}
     run_layerwise(model, arch_for(model), windows, [second], **resume)
@@ -191,14 +196,19 @@ def test_resumed_float_target_run_equals_an_uninterrupted_one(tmp_path):
     for name, qw in second.quantized.items():
         assert torch.equal(qw.codes, whole.quantized[name].codes), name
     # Without the state, a resumed run starts the float stream over, and says so.
-    third = GPTQStage(args, ["lm_head"], float_target=True)
+    third = GPTQStage(args, ["lm_head"], float_target=1.0)
     run_layerwise(model, arch_for(model), windows, [third], **resume)
     assert any("starts here" in n for n in third.notes)
 
 
 def test_recipe_option():
-    entry = R.GPTQStage(type="gptq", float_target=True)
+    entry = R.GPTQStage(type="gptq", float_target=1.0)
     assert stages.build(entry).float_target
     assert GPTQStage(QuantArgs(4, 32, True)).resume_state() == {}
+    assert stages.build(R.GPTQStage(type="gptq", float_target=0.25)).float_target == 0.25
+    with pytest.raises(GPTQError, match="between 0 and 1"):
+        GPTQStage(QuantArgs(4, 32, True), float_target=1.5)
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        R.GPTQStage(type="gptq", float_target=2)
     with pytest.raises(ValueError, match="float_target needs true_sequential"):
-        R.GPTQStage(type="gptq", float_target=True, true_sequential=False)
+        R.GPTQStage(type="gptq", float_target=1.0, true_sequential=False)

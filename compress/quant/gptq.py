@@ -173,7 +173,9 @@ def act_order_permutation(h: Tensor) -> Tensor:
     return torch.argsort(torch.diag(h), descending=True, stable=True)
 
 
-def float_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp_fraction: float) -> Tensor:
+def float_target_weight(
+    weight: Tensor, hessian: Tensor, cross: Tensor, damp_fraction: float, strength: float = 1.0
+) -> Tensor:
     """The weight GPTQ should aim at when this linear's inputs have drifted from the float model's.
 
     GPTAQ (Li et al., 2025), as a change of target. With X the float model's inputs of the
@@ -187,6 +189,11 @@ def float_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp_fra
     *float* model's outputs from the inputs the quantized model really gives this linear,
     instead of re-fitting its own drifted outputs. With X̃ = X (cross = 0), W' = W.
 
+    ``strength`` α scales the cross term: the target outputs become X̃Wᵀ + α(X − X̃)Wᵀ, from the
+    quantized model's own (α = 0: plain GPTQ) to the float model's (α = 1). Less than 1 keeps the
+    least-squares correction from fitting the calibration tokens' noise (GPTQModel's GPTAQ
+    defaults to 0.25 for the same reason).
+
     Returns W' in float32 (float64 for a float64 weight); ``hessian`` is left unchanged.
     """
     if hessian.shape != cross.shape or hessian.dim() != 2 or hessian.shape[0] != weight.shape[1]:
@@ -199,7 +206,7 @@ def float_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp_fra
         raise GPTQError("the Hessian or the cross term has non-finite entries")
     w = weight.to(dtype)
     mean_diag = torch.diag(hessian).mean().item()
-    if not mean_diag > 0:  # no input at all: nothing to correct
+    if not mean_diag > 0 or strength == 0:  # no input at all, or no correction asked
         return w.clone()
     damped = hessian.to(dtype, copy=True)
     diag = damped.diagonal()
@@ -210,6 +217,8 @@ def float_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp_fra
         chol, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             correction = torch.cholesky_solve(cross.to(dtype) @ w.T, chol)  # (H + λI)⁻¹ · cross · Wᵀ
+            if strength != 1.0:
+                correction.mul_(strength)
             if torch.isfinite(correction).all():
                 return w + correction.T
         fraction *= 10.0
@@ -718,18 +727,21 @@ class GPTQStage(QuantizingStage):
         act_order: ActOrder = "static",
         mse: bool = False,
         true_sequential: bool = True,
-        float_target: bool = False,
+        float_target: float = 0.0,
     ):
-        """``float_target``: fit each linear to the float model's outputs (GPTAQ; see
-        :func:`float_target_weight`), walking the float layer beside the quantized one; needs
-        ``true_sequential`` and a Llama-family layer (others are quantized without it, with a note)."""
+        """``float_target`` α in [0, 1]: fit each linear's outputs α of the way from the quantized
+        model's own towards the float model's (GPTAQ; see :func:`float_target_weight`), walking the
+        float layer beside the quantized one; 0 is plain GPTQ. Needs ``true_sequential`` and a
+        Llama-family layer (others are quantized without it, with a note)."""
         super().__init__(args, ignore)
         self.damp_percent = damp_percent
         self.block_size = block_size
         self.act_order = act_order
         self.mse = MSEGrid() if mse else None
         self.true_sequential = true_sequential
-        self.float_target = float_target
+        if not 0.0 <= float_target <= 1.0:
+            raise GPTQError(f"float_target must be between 0 and 1, got {float_target}")
+        self.float_target = float(float_target)
         # The float model's inputs of the next layer (float_target), and that layer's index.
         self._float_hidden: list[Tensor] | None = None
         self._float_hidden_layer: int | None = None
@@ -756,12 +768,12 @@ class GPTQStage(QuantizingStage):
 
     def apply_layer(self, ctx: LayerContext) -> None:
         if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
-            if self.float_target:
+            if self.float_target > 0:
                 self._apply_layer_float_target(ctx)
             else:
                 self._apply_layer_stepwise(ctx)
             return
-        if self.float_target:
+        if self.float_target > 0:
             self._float_hidden = None  # the float stream cannot go through this layer
             message = f"{ctx.name}: float target needs the step-by-step walk; quantized against its own inputs"
             self.notes.append(message)
@@ -869,12 +881,12 @@ class GPTQStage(QuantizingStage):
     def resume_state(self) -> dict:
         """The float model's hidden states for the next layer (float_target), so that a resumed
         run goes on with them (compress/resume.py)."""
-        if not self.float_target or self._float_hidden is None:
+        if self.float_target == 0 or self._float_hidden is None:
             return {}
         return {"float_hidden": list(self._float_hidden), "float_hidden_layer": self._float_hidden_layer}
 
     def load_resume_state(self, state: dict) -> None:
-        if self.float_target and "float_hidden" in state:
+        if self.float_target > 0 and "float_hidden" in state:
             self._float_hidden = list(state["float_hidden"])
             self._float_hidden_layer = int(state["float_hidden_layer"])
 
@@ -887,7 +899,7 @@ class GPTQStage(QuantizingStage):
         weight = torch.cat(weights) if len(weights) > 1 else weights[0]
         if cross is not None:
             with _one_thread_on_cpu(weight.device):
-                weight = float_target_weight(weight, hessian, cross, self.damp_percent)
+                weight = float_target_weight(weight, hessian, cross, self.damp_percent, self.float_target)
             del cross
         result = run_gptq(
             weight,
