@@ -212,3 +212,23 @@ def test_recipe_option():
         R.GPTQStage(type="gptq", float_target=2)
     with pytest.raises(ValueError, match="float_target needs true_sequential"):
         R.GPTQStage(type="gptq", float_target=1.0, true_sequential=False)
+
+
+@pytest.mark.parametrize("ignore", [["lm_head"], ["lm_head", "mlp.down_proj"]])
+def test_streaming_the_float_walks_down_inputs_changes_nothing(ignore):
+    """The float walk hands down_proj's inputs over batch by batch (memory): the records, the
+    outputs and the float stream are bit for bit those of the walk that keeps them all."""
+    windows = _calibration(seed=6, n=6)
+    runs = []
+    for stream in (True, False):
+        model = make_tiny_model(layers=2)
+        stage = GPTQStage(QuantArgs(4, 32, False), ignore, float_target=0.5)
+        stage.stream_float_down = stream
+        outputs = run_layerwise(model, arch_for(model), windows, [stage], batch_size=2, progress=False)
+        runs.append((stage, outputs.hidden))
+    (streamed, streamed_out), (kept, kept_out) = runs
+    assert streamed.quantized.keys() == kept.quantized.keys()
+    for name, qw in streamed.quantized.items():
+        assert torch.equal(qw.codes, kept.quantized[name].codes) and torch.equal(qw.scales, kept.quantized[name].scales)
+    for a, b in zip([*streamed_out, *streamed._float_hidden], [*kept_out, *kept._float_hidden], strict=True):
+        assert torch.equal(a, b)

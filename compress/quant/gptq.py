@@ -655,6 +655,10 @@ class _LlamaWalk:
         self.drop_inputs = drop_inputs
         self.mlp_chunk = mlp_chunk
         self.outputs: list[Tensor] = []
+        # Hand down_proj's inputs over one batch at a time, each batch's output made on the way,
+        # instead of keeping every batch's (1536-wide) input: for a walk whose layer the step
+        # does not change (the float walk of ``float_target``).
+        self.stream_down = False
 
     def run(self, step) -> list[Tensor]:
         for names, xs in self.steps():
@@ -682,6 +686,11 @@ class _LlamaWalk:
                 self.hidden[i] = None
             xs[i] = m["post_norm"](residual[i])
         yield seq[2], xs
+        if self.stream_down:
+            streamed = _StreamedDownInputs(self, xs, residual)
+            yield seq[3], streamed
+            self.outputs = streamed.finish()
+            return
         for i in range(len(xs)):
             x = xs[i]
             xs[i] = None
@@ -708,6 +717,35 @@ class _LlamaWalk:
             out[k : k + chunk] = part
             del part
         return out
+
+
+class _StreamedDownInputs:
+    """down_proj's inputs of a :class:`_LlamaWalk`, made batch by batch as they are iterated;
+    each batch's layer output is made at the same time, so only one batch's input is alive."""
+
+    def __init__(self, walk: _LlamaWalk, xs: list[Tensor | None], residual: list[Tensor | None]):
+        self.walk, self.xs, self.residual = walk, xs, residual
+        self.outputs: list[Tensor | None] = [None] * len(xs)
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def _make(self, i: int) -> Tensor:
+        x = self.walk._down_input(self.xs[i])
+        self.outputs[i] = self.residual[i] + self.walk.m["down"](x)
+        self.xs[i] = self.residual[i] = None
+        return x
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for i in range(len(self.xs)):
+            if self.outputs[i] is None:
+                yield self._make(i)
+
+    def finish(self) -> list[Tensor]:
+        for i in range(len(self.xs)):
+            if self.outputs[i] is None:
+                self._make(i)
+        return self.outputs
 
 
 class GPTQStage(QuantizingStage):
@@ -749,6 +787,8 @@ class GPTQStage(QuantizingStage):
         self.stepwise = True
         # Windows at a time for the MLP up to down_proj in the walk (None: whole batches).
         self.mlp_chunk: int | None = 1
+        # float_target: the float walk hands down_proj's inputs over batch by batch (see _LlamaWalk).
+        self.stream_float_down = True
         self._stepwise_ok: dict[type, bool] = {}
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
@@ -861,6 +901,7 @@ class GPTQStage(QuantizingStage):
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
         float_walk = _LlamaWalk(float_ctx, float_hidden, ctx.inputs.kwargs, drop_inputs=True, mlp_chunk=self.mlp_chunk)
+        float_walk.stream_down = self.stream_float_down
         walk = _LlamaWalk(
             ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
         )
