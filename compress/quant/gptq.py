@@ -28,6 +28,13 @@ forward on Llama-family layers: the layer is walked sub-block by sub-block (:cla
 each group of linears quantized when the walk reaches it, and the walk's result is the
 layer's output (the engine skips its own forward). Other layers are re-run from their start
 for each group of linears (:meth:`GPTQStage.collect_hessians`), which gives the same result.
+
+``float_target`` (GPTAQ, Li et al. 2025) changes what GPTQ fits: plain GPTQ makes each linear
+reproduce its own outputs on the inputs the partly quantized model gives it, so the drift of
+the earlier layers is taken as truth; with a float target the stage also walks a float copy of
+the layer on the float model's hidden states, and fits the float model's outputs (or part of
+the way towards them) instead: a change of target weight (:func:`float_target_weight`), then
+the same GPTQ.
 """
 
 from __future__ import annotations
