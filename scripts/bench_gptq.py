@@ -229,21 +229,28 @@ def table(results: dict[str, dict], group: int) -> str:
 
 
 def ratios(results: dict[str, dict]) -> list[str]:
+    """Each of our jobs against the peer's job of the same kind (sym/asym; its MSE observer when
+    ours searches clips; same windows), and the share of RTN's perplexity increase it keeps."""
     out = []
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
-    for kind in ("sym", "asym", "sym-mse", "asym-mse"):
-        ours, peer = results.get(f"ours-{kind}", {}), results.get(f"peer-{kind}", {})
-        rtn = results.get(f"rtn-{kind.split('-')[0]}", {})
-        if "eval" in ours and "eval" in peer:
+    for job, ours in results.items():
+        if not job.startswith("ours-") or "eval" not in ours:
+            continue
+        kind = job[len("ours-") :]
+        base = kind.split("-")[0]
+        peer_job = f"peer-{base}-mse" if "mse" in kind.split("-") else f"peer-{base}"
+        peer, rtn = results.get(peer_job, {}), results.get(f"rtn-{base}", {})
+        if "eval" in peer:
             cpu = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
                 cpu = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
+            ppl_ratio = ours["eval"]["perplexity"] / peer["eval"]["perplexity"]
             out.append(
-                f"- {kind}: perplexity ours/peer {ours['eval']['perplexity'] / peer['eval']['perplexity']:.4f}; "
+                f"- {kind} vs {peer_job}: perplexity ours/peer {ppl_ratio:.4f}; "
                 f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}{cpu}; "
                 f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
             )
-        if "eval" in ours and "eval" in rtn and float_ppl:
+        if "eval" in rtn and float_ppl:
             share = (ours["eval"]["perplexity"] - float_ppl) / (rtn["eval"]["perplexity"] - float_ppl)
             out.append(f"- {kind}: our GPTQ keeps {share:.1%} of RTN's perplexity increase over float")
     act = {j: results.get(j, {}) for j in ("ours-sym", "ours-sym-noact", "ours-sym-gidx")}
