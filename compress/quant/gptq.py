@@ -50,7 +50,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from compress.calibrate import LayerContext
+from compress.calibrate import LayerContext, transients_on_heap
 from compress.quant import int4
 from compress.quant.common import QuantizingStage
 from compress.quant.int4 import QuantArgs, QuantizedWeight, check_args, compute_qparams, fake_quantize_rows
@@ -716,13 +716,13 @@ class _LlamaWalk:
         chunk = self.mlp_chunk
         if chunk is None or x.dim() < 3 or x.shape[0] <= chunk:
             return _input_of(down, lambda: mlp(x))
-        out = None
-        for k in range(0, x.shape[0], chunk):
-            part = _input_of(down, lambda k=k: mlp(x[k : k + chunk]))
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out[k : k + chunk] = part
-            del part
+        part = _input_of(down, lambda: mlp(x[:chunk]))
+        out = part.new_empty((x.shape[0], *part.shape[1:]))  # before the heap-only loop: it lives on
+        out[:chunk] = part
+        del part
+        with transients_on_heap():
+            for k in range(chunk, x.shape[0], chunk):
+                out[k : k + chunk] = _input_of(down, lambda k=k: mlp(x[k : k + chunk]))
         return out
 
 
