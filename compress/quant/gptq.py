@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,23 @@ def prepare_hessian(h: Tensor, w: Tensor, overwrite: bool = False) -> tuple[Tens
     return h, w, dead
 
 
+_DAMP_TRIES = 12
+
+
+def _raised_dampings(h: Tensor, damp_fraction: float, mean_diag: float) -> Iterator[float]:
+    """Damp ``h`` in place, λ = fraction · mean_diag, for fraction = damp_fraction, ×10, ... (12
+    tries); yields each fraction with H's diagonal set to its undamped values plus λ. Dampening only
+    touches the diagonal, so H itself is the damped matrix (n x n buffers are the stage's largest
+    transients: down_proj's 1536²), its undamped diagonal kept for the retries."""
+    diag = h.diagonal()
+    undamped = diag.clone()
+    fraction = damp_fraction
+    for _ in range(_DAMP_TRIES):
+        diag.copy_(undamped).add_(fraction * mean_diag)
+        yield fraction
+        fraction *= 10.0
+
+
 def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, float, int]:
     """Upper Cholesky factor of (H + λI)⁻¹, with λ = damp_fraction · mean(diag H).
 
@@ -153,16 +171,9 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
     its diagonal is left with λ added (the caller's copy is spent).
     """
     mean_diag = torch.diag(h).mean().item()  # a contiguous copy: the strided view sums in another order
-    diag = h.diagonal()
     if not mean_diag > 0:
         mean_diag = 1.0
-    fraction = damp_fraction
-    # n x n float buffers are the stage's largest transients (down_proj: 1536²): dampening only
-    # touches the diagonal, so H itself is the damped matrix (its undamped diagonal kept for retries).
-    undamped = diag.clone()
-    for attempt in range(12):
-        damp = fraction * mean_diag
-        diag.copy_(undamped).add_(damp)
+    for attempt, fraction in enumerate(_raised_dampings(h, damp_fraction, mean_diag)):
         chol, info = torch.linalg.cholesky_ex(h)
         if info.item() == 0:
             hinv = torch.cholesky_inverse(chol)
@@ -170,8 +181,7 @@ def inverse_cholesky(h: Tensor, damp_fraction: float) -> tuple[Tensor, float, fl
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
             del hinv
             if info.item() == 0 and torch.isfinite(upper).all() and (torch.diag(upper) > 0).all():
-                return upper, damp, fraction, attempt
-        fraction *= 10.0
+                return upper, fraction * mean_diag, fraction, attempt
     raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
 
@@ -216,11 +226,7 @@ def float_target_weight(
     if not mean_diag > 0 or strength == 0:  # no input at all, or no correction asked
         return w.clone()
     damped = hessian.to(dtype, copy=True)
-    diag = damped.diagonal()
-    undamped = diag.clone()
-    fraction = damp_fraction
-    for _ in range(12):  # as inverse_cholesky: raise λ until the factorization succeeds
-        diag.copy_(undamped).add_(fraction * mean_diag)
+    for _ in _raised_dampings(damped, damp_fraction, mean_diag):  # as inverse_cholesky
         chol, info = torch.linalg.cholesky_ex(damped)
         if info.item() == 0:
             correction = torch.cholesky_solve(cross.to(dtype) @ w.T, chol)  # (H + λI)⁻¹ · cross · Wᵀ
@@ -228,7 +234,6 @@ def float_target_weight(
                 correction.mul_(strength)
             if torch.isfinite(correction).all():
                 return w + correction.T
-        fraction *= 10.0
     raise GPTQError("Cholesky factorization failed even with dampening 10^11 × the requested one")
 
 
@@ -815,10 +820,7 @@ class GPTQStage(QuantizingStage):
 
     def apply_layer(self, ctx: LayerContext) -> None:
         if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
-            if self.float_target > 0:
-                self._apply_layer_float_target(ctx)
-            else:
-                self._apply_layer_stepwise(ctx)
+            self._apply_layer_stepwise(ctx)
             return
         if self.float_target > 0:
             self._float_hidden = None  # the float stream cannot go through this layer
@@ -876,27 +878,37 @@ class GPTQStage(QuantizingStage):
         """True-sequential at the cost of one layer forward: the layer is walked sub-block by
         sub-block, each sub-block's input kept, so every group of linears is quantized before
         the forward reaches it and no part of the layer runs twice. The walk's end result is
-        the quantized layer's output, handed to the engine (which then skips its forward)."""
+        the quantized layer's output, handed to the engine (which then skips its forward).
 
-        def quantize_step(names: tuple[str, ...], xs: list[Tensor]) -> None:
-            targets = list(self.targets(ctx, names))
-            if not targets:
-                return
-            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
-            for x in xs:
-                acc.add(x)
-            self.quantize_linears(ctx.name, targets, acc.hessian())
-
+        With ``float_target``, a float copy of the layer fed the float model's hidden states is
+        walked cut by cut beside it, and each group of linears also gets the cross term of its
+        quantized-model inputs with the float ones."""
         walk = _LlamaWalk(
             ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
         )
-        ctx.outputs = walk.run(quantize_step)
+        float_walk = self._float_walk(ctx) if self.float_target > 0 else None
+        float_steps = float_walk.steps() if float_walk is not None else itertools.repeat((None, None))
+        for (names, xs), (_, float_xs) in zip(walk.steps(), float_steps):
+            targets = list(self.targets(ctx, names))
+            if not targets:
+                continue
+            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
+            cross = CrossAccumulator(xs[0].shape[-1], xs[0].device) if float_xs is not None else None
+            for x, x_float in zip(xs, float_xs if float_xs is not None else itertools.repeat(None)):
+                acc.add(x)
+                if cross is not None:
+                    cross.add(x, x_float)
+            self.quantize_linears(ctx.name, targets, acc.hessian(), None if cross is None else cross.value())
+        ctx.outputs = walk.outputs
+        if float_walk is not None:
+            for _ in float_steps:  # finish the float layer's forward (its outputs feed the next layer)
+                pass
+            self._float_hidden, self._float_hidden_layer = float_walk.outputs, ctx.index + 1
 
-    @torch.no_grad()
-    def _apply_layer_float_target(self, ctx: LayerContext) -> None:
-        """The step-by-step walk of the quantized layer and, cut by cut beside it, of a float copy
-        of the layer fed the float model's hidden states: each group of linears gets the
-        Hessian of its quantized-model inputs and their cross term with the float ones."""
+    def _float_walk(self, ctx: LayerContext) -> _LlamaWalk:
+        """The walk of a float copy of ``ctx``'s layer on the float model's hidden states: those the
+        previous layer's float walk left, or this layer's inputs at the first layer (or, with a
+        note, at the first layer of a resumed run that did not keep them)."""
         if self._float_hidden is not None and self._float_hidden_layer == ctx.index:
             float_hidden = self._float_hidden
         else:
@@ -907,24 +919,9 @@ class GPTQStage(QuantizingStage):
             float_hidden = list(ctx.inputs.hidden)
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
-        float_walk = _LlamaWalk(float_ctx, float_hidden, ctx.inputs.kwargs, drop_inputs=True, mlp_chunk=self.mlp_chunk)
-        float_walk.stream_down = self.stream_float_down
-        walk = _LlamaWalk(
-            ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
-        )
-        for (names, xs), (float_names, float_xs) in zip(walk.steps(), float_walk.steps(), strict=True):
-            assert names == float_names
-            targets = list(self.targets(ctx, names))
-            if not targets:
-                continue
-            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
-            cross = CrossAccumulator(xs[0].shape[-1], xs[0].device)
-            for x, x_float in zip(xs, float_xs, strict=True):
-                acc.add(x)
-                cross.add(x, x_float)
-            self.quantize_linears(ctx.name, targets, acc.hessian(), cross.value())
-        ctx.outputs = walk.outputs
-        self._float_hidden, self._float_hidden_layer = float_walk.outputs, ctx.index + 1
+        walk = _LlamaWalk(float_ctx, float_hidden, ctx.inputs.kwargs, drop_inputs=True, mlp_chunk=self.mlp_chunk)
+        walk.stream_down = self.stream_float_down
+        return walk
 
     def resume_state(self) -> dict:
         """The float model's hidden states for the next layer (float_target), so that a resumed
