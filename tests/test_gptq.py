@@ -424,9 +424,10 @@ class _NoStage:
 
 
 def test_walk_memory_savers_change_nothing():
-    """MLP window by window and the layer inputs dropped early (the memory-lean walk) give the
-    records and outputs of whole-batch MLP with the inputs kept, bit for bit; the engine leaves
-    inputs handed in by its caller intact; a stage that is not last may not drop them."""
+    """Sub-blocks window by window and the layer inputs dropped early (the memory-lean walk) give the
+    records and outputs of whole batches with the inputs kept, bit for bit; the engine leaves
+    inputs handed in by its caller intact (the list and the values: the lean walk writes over only
+    the engine's own); a stage that is not last may not drop them."""
     from compress.calibrate import capture_layer_inputs
 
     windows = _calibration(seed=3, n=6)
@@ -435,12 +436,14 @@ def test_walk_memory_savers_change_nothing():
         model = make_tiny_model(layers=2)
         arch = arch_for(model)
         stage = GPTQStage(QuantArgs(4, 32, False), ["lm_head"])
-        stage.mlp_chunk = chunk
+        stage.window_chunk = chunk
         inputs = capture_layer_inputs(model, arch, windows, 4, "cpu")
         given = list(inputs.hidden)
+        given_values = [h.clone() for h in given]
         stages_ = [stage] if chunk is not None else [stage, _NoStage()]
         outputs = run_layerwise(model, arch, windows, stages_, batch_size=4, progress=False, inputs=inputs)
         assert len(inputs.hidden) == len(given) and all(a is b for a, b in zip(inputs.hidden, given, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(given, given_values, strict=True))  # not written over
         results.append((stage.quantized, outputs.hidden))
     reference, reference_out = results[-1]
     for quantized, out in results[:-1]:

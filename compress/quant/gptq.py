@@ -44,7 +44,7 @@ import copy
 import dataclasses
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -576,14 +576,14 @@ def _first_output(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _first_of_batch(obj, batch: int):
-    """``obj`` (layer arguments) with every tensor of ≥ 2 dims and ``batch`` rows cut to its first."""
+def _batch_rows(obj, batch: int, rows: slice):
+    """``obj`` (layer arguments) with every tensor of ≥ 2 dims and ``batch`` rows cut to ``rows``."""
     if isinstance(obj, Tensor):
-        return obj[:1] if obj.dim() >= 2 and obj.shape[0] == batch else obj
+        return obj[rows] if obj.dim() >= 2 and obj.shape[0] == batch else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_first_of_batch(o, batch) for o in obj)
+        return type(obj)(_batch_rows(o, batch, rows) for o in obj)
     if isinstance(obj, dict):
-        return {k: _first_of_batch(v, batch) for k, v in obj.items()}
+        return {k: _batch_rows(v, batch, rows) for k, v in obj.items()}
     return obj
 
 
@@ -652,12 +652,15 @@ class _LlamaWalk:
         hidden: list[Tensor],
         kwargs: list[dict],
         drop_inputs: bool = False,
-        mlp_chunk: int | None = 1,
+        window_chunk: int | None = 1,
+        overwrite_inputs: bool = False,
     ):
         """``drop_inputs``: set each entry of ``hidden`` to None once its residual is formed (the
-        caller no longer needs the inputs). ``mlp_chunk``: run the MLP up to down_proj this many
-        windows at a time (None: whole batches), so that its 1536-wide transients (gate, up, their
-        product) are a few windows' worth, not a batch's; the result is the same."""
+        caller no longer needs the inputs); ``overwrite_inputs``: besides, nothing else reads those
+        tensors, so the residual may be written over them. ``window_chunk``: run each sub-block this many windows at
+        a time (None: whole batches), so that its transients (the MLP's 1536-wide gate, up and
+        their product; attention's queries, rotations, scores) are a few windows' worth, not a
+        batch's; the result is the same (see :meth:`_by_window`)."""
         names = _llama_names(ctx)
         if names is None:
             raise GPTQError(f"{ctx.name} is not a Llama-family layer")
@@ -665,7 +668,8 @@ class _LlamaWalk:
         self.seq = ctx.arch.sequential
         self.hidden, self.kwargs = hidden, kwargs
         self.drop_inputs = drop_inputs
-        self.mlp_chunk = mlp_chunk
+        self.overwrite_inputs = overwrite_inputs and drop_inputs
+        self.window_chunk = window_chunk
         self.outputs: list[Tensor] = []
         # Hand down_proj's inputs over one batch at a time, each batch's output made on the way,
         # instead of keeping every batch's (1536-wide) input: for a walk whose layer the step
@@ -682,21 +686,32 @@ class _LlamaWalk:
         goes on when resumed; the layer's outputs are then in ``self.outputs``. Lets two walks
         (the float layer's and the quantized one's) advance cut by cut side by side."""
         m, seq = self.m, self.seq
-        xs = [m["input_norm"](h) for h in self.hidden]
+        xs = [self._by_window(lambda rows, h=h: m["input_norm"](h[rows]), h) for h in self.hidden]
         yield seq[0], xs
-        attn = m["attention"]
+        attn, o_proj = m["attention"], m["o_proj"]
         for i, kw in enumerate(self.kwargs):
             x = xs[i]
-            xs[i] = _input_of(m["o_proj"], lambda x=x, kw=kw: attn(hidden_states=x, **kw))
+            xs[i] = self._by_window(
+                lambda rows, x=x, kw=kw: _input_of(
+                    o_proj, lambda: attn(hidden_states=x[rows], **_batch_rows(kw, x.shape[0], rows))
+                ),
+                x,
+                into=x,
+            )
+            del x
         yield seq[1], xs
         # residual + attention output, as the layer adds them; one batch at a time, each
         # batch's attention output (and input, if allowed) freed as its residual is made.
         residual = []
         for i in range(len(xs)):
-            residual.append(self.hidden[i] + m["o_proj"](xs[i]))
+            h, x = self.hidden[i], xs[i]
+            into = h if self.overwrite_inputs else None
+            residual.append(self._by_window(lambda rows, h=h, x=x: h[rows] + o_proj(x[rows]), x, into=into))
+            del h
             if self.drop_inputs:
                 self.hidden[i] = None
-            xs[i] = m["post_norm"](residual[i])
+            xs[i] = self._by_window(lambda rows, r=residual[i]: m["post_norm"](r[rows]), x, into=x)
+            del x
         yield seq[2], xs
         if self.stream_down:
             streamed = _StreamedDownInputs(self, xs, residual)
@@ -711,23 +726,41 @@ class _LlamaWalk:
         yield seq[3], xs
         out = []
         for i in range(len(xs)):
-            out.append(residual[i] + m["down"](xs[i]))
+            out.append(self._layer_output(residual[i], xs[i]))
             xs[i] = residual[i] = None  # free as we go: the outputs replace them
         self.outputs = out
 
     def _down_input(self, x: Tensor) -> Tensor:
-        """down_proj's input for the batch ``x`` (the MLP up to down_proj), ``mlp_chunk`` windows at a time."""
+        """down_proj's input for the batch ``x`` (the MLP up to down_proj)."""
         mlp, down = self.m["mlp"], self.m["down"]
-        chunk = self.mlp_chunk
-        if chunk is None or x.dim() < 3 or x.shape[0] <= chunk:
-            return _input_of(down, lambda: mlp(x))
-        part = _input_of(down, lambda: mlp(x[:chunk]))
-        out = part.new_empty((x.shape[0], *part.shape[1:]))  # before the heap-only loop: it lives on
+        return self._by_window(lambda rows: _input_of(down, lambda: mlp(x[rows])), x)
+
+    def _layer_output(self, residual: Tensor, down_input: Tensor) -> Tensor:
+        down = self.m["down"]
+        return self._by_window(lambda rows: residual[rows] + down(down_input[rows]), down_input, into=residual)
+
+    def _by_window(self, make: Callable[[slice], Tensor], batch: Tensor, into: Tensor | None = None) -> Tensor:
+        """``make(rows)`` for the whole batch, computed ``window_chunk`` windows (rows of ``batch``)
+        at a time and gathered: the same result, with each sub-block's transients a few windows'
+        worth instead of a batch's. They then fit under :func:`transients_on_heap`'s threshold and
+        reuse freed heap memory, where whole-batch ones would each be fresh pages from the kernel
+        (their page faults were a tenth of the walk's CPU time on the embedded model).
+
+        ``into``: a tensor of the batch's that is no longer needed except by ``make`` for the same
+        rows; the result is written over it when it has the result's shape (no fresh pages)."""
+        chunk, windows = self.window_chunk, batch.shape[0]
+        if chunk is None or batch.dim() < 3 or windows <= chunk:
+            return make(slice(None))
+        part = make(slice(0, chunk))
+        if into is not None and into.shape[1:] == part.shape[1:] and into.dtype == part.dtype:
+            out = into
+        else:
+            out = part.new_empty((windows, *part.shape[1:]))  # before the heap-only loop: it lives on
         out[:chunk] = part
         del part
         with transients_on_heap():
-            for k in range(chunk, x.shape[0], chunk):
-                out[k : k + chunk] = _input_of(down, lambda k=k: mlp(x[k : k + chunk]))
+            for k in range(chunk, windows, chunk):
+                out[k : k + chunk] = make(slice(k, k + chunk))
         return out
 
 
@@ -744,7 +777,7 @@ class _StreamedDownInputs:
 
     def _make(self, i: int) -> Tensor:
         x = self.walk._down_input(self.xs[i])
-        self.outputs[i] = self.residual[i] + self.walk.m["down"](x)
+        self.outputs[i] = self.walk._layer_output(self.residual[i], x)
         self.xs[i] = self.residual[i] = None
         return x
 
@@ -797,8 +830,8 @@ class GPTQStage(QuantizingStage):
         self._float_hidden_layer: int | None = None
         # One-pass true-sequential for Llama-family layers; False forces the re-running method.
         self.stepwise = True
-        # Windows at a time for the MLP up to down_proj in the walk (None: whole batches).
-        self.mlp_chunk: int | None = 1
+        # Windows at a time for each sub-block of the walk (None: whole batches).
+        self.window_chunk: int | None = 1
         # float_target: the float walk hands down_proj's inputs over batch by batch (see _LlamaWalk).
         self.stream_float_down = True
         self._stepwise_ok: dict[type, bool] = {}
@@ -864,7 +897,7 @@ class GPTQStage(QuantizingStage):
         # The first window is enough to tell; its batch's other arguments cut to match.
         hidden, kwargs = ctx.inputs.hidden[0], ctx.inputs.kwargs[0]
         if hidden.shape[0] > 1:
-            hidden, kwargs = hidden[:1], _first_of_batch(kwargs, hidden.shape[0])
+            hidden, kwargs = hidden[:1], _batch_rows(kwargs, hidden.shape[0], slice(0, 1))
         try:
             walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
         except Exception as e:  # any mismatch in structure means: use the general method
@@ -883,10 +916,17 @@ class GPTQStage(QuantizingStage):
         With ``float_target``, a float copy of the layer fed the float model's hidden states is
         walked cut by cut beside it, and each group of linears also gets the cross term of its
         quantized-model inputs with the float ones."""
-        walk = _LlamaWalk(
-            ctx, ctx.inputs.hidden, ctx.inputs.kwargs, drop_inputs=ctx.inputs_disposable, mlp_chunk=self.mlp_chunk
-        )
         float_walk = self._float_walk(ctx) if self.float_target > 0 else None
+        # The float walk may read the same input tensors (first layer): then neither writes over them.
+        shared = float_walk is not None and not float_walk.overwrite_inputs
+        walk = _LlamaWalk(
+            ctx,
+            ctx.inputs.hidden,
+            ctx.inputs.kwargs,
+            drop_inputs=ctx.inputs_disposable,
+            window_chunk=self.window_chunk,
+            overwrite_inputs=ctx.inputs_overwritable and not shared,
+        )
         float_steps = float_walk.steps() if float_walk is not None else itertools.repeat((None, None))
         for (names, xs), (_, float_xs) in zip(walk.steps(), float_steps):
             targets = list(self.targets(ctx, names))
@@ -909,7 +949,8 @@ class GPTQStage(QuantizingStage):
         """The walk of a float copy of ``ctx``'s layer on the float model's hidden states: those the
         previous layer's float walk left, or this layer's inputs at the first layer (or, with a
         note, at the first layer of a resumed run that did not keep them)."""
-        if self._float_hidden is not None and self._float_hidden_layer == ctx.index:
+        own = self._float_hidden is not None and self._float_hidden_layer == ctx.index
+        if own:
             float_hidden = self._float_hidden
         else:
             if ctx.index != 0:
@@ -919,7 +960,9 @@ class GPTQStage(QuantizingStage):
             float_hidden = list(ctx.inputs.hidden)
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
-        walk = _LlamaWalk(float_ctx, float_hidden, ctx.inputs.kwargs, drop_inputs=True, mlp_chunk=self.mlp_chunk)
+        walk = _LlamaWalk(
+            float_ctx, float_hidden, ctx.inputs.kwargs, True, window_chunk=self.window_chunk, overwrite_inputs=own
+        )
         walk.stream_down = self.stream_float_down
         return walk
 
