@@ -56,12 +56,13 @@ def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, 
 
 
 def run_worker(script: str, job: str, windows: Path, args: list[str], threads: int,
-               timeout: float | None = None) -> dict:
-    """Run ``script --worker job`` in a fresh process; its JSON result, or {"error": ...}."""
+               timeout: float | None = None, python: str | None = None, env: dict | None = None) -> dict:
+    """Run ``script --worker job`` in a fresh process (under ``python``: another virtual
+    environment's interpreter, default this one's); its JSON result, or {"error": ...}."""
     out = windows.parent / f"{job}.json"
-    cmd = [sys.executable, script, "--worker", job, "--windows", str(windows), "--json", str(out),
+    cmd = [python or sys.executable, script, "--worker", job, "--windows", str(windows), "--json", str(out),
            "--threads", str(threads), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)

@@ -1,12 +1,16 @@
-"""GPTQ side by side: float, RTN, our GPTQ and llm-compressor's GPTQModifier, one run.
+"""GPTQ side by side: float, RTN, our GPTQ, llm-compressor's GPTQModifier and GPTQModel, one run.
 
 Every method runs in its own process (fresh peak-memory figure, no shared caches) on the
 same calibration and evaluation windows, which the driver cuts once and hands over in a
-safetensors file. Our code and the peer run on the same interpreter (a separate virtual
-environment that has llm-compressor; /work/main/.venv stays untouched), with the same
-torch thread count.
+safetensors file. Our code and llm-compressor run on the driver's interpreter (a virtual
+environment that has llm-compressor; the project's own .venv stays untouched), GPTQModel on
+another one's (``--gptqmodel-python``: its requirements differ), all with the same torch
+thread count. GPTQModel reads the float model from a Hugging Face folder the driver writes
+once; its saved GPTQ checkpoint is read back by compress.checkpoint and dequantized into the
+float model for the evaluation.
 
-    /work/bench-venv/bin/python scripts/bench_gptq.py --calibration 32 --eval-windows 40
+    /work/bench-venv/bin/python scripts/bench_gptq.py --calibration 32 --eval-windows 40 \
+        --jobs float,ours-sym,peer-sym,gptqmodel-sym --gptqmodel-python /work/gptqmodel-venv/bin/python
 
 Prints a table and writes it, with the command, to eval/results/gptq-vs-peers.md.
 """
@@ -68,6 +72,10 @@ JOBS = {
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
     "ours-asym-damp0.1": "our GPTQ w4 g{g} asym, act-order static, dampening 0.1",
     "peer-sym": "llm-compressor GPTQModifier w4 g{g} sym (actorder static)",
+    "gptqmodel-sym": "GPTQModel w4 g{g} sym (desc_act with static groups, damp 0.01, true-sequential)",
+    "gptqmodel-asym": "GPTQModel w4 g{g} asym (desc_act with static groups, damp 0.01, true-sequential)",
+    "gptqmodel-sym-gptaq": "GPTQModel w4 g{g} sym, as gptqmodel-sym plus GPTAQ (alpha 0.25)",
+    "gptqmodel-asym-gptaq": "GPTQModel w4 g{g} asym, as gptqmodel-asym plus GPTAQ (alpha 0.25)",
     "peer-asym": "llm-compressor GPTQModifier w4 g{g} asym (actorder static)",
     "peer-sym-mse": "llm-compressor GPTQModifier w4 g{g} sym (actorder static), MSE weight observer, same grid",
     "peer-asym-mse": "llm-compressor GPTQModifier w4 g{g} asym (actorder static), MSE weight observer, same grid",
@@ -92,11 +100,13 @@ def ours_options(job: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int) -> dict:
+def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int, float_dir: str | None) -> dict:
     import torch
     from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
+    if job.startswith("gptqmodel"):
+        return gptqmodel_worker(job, windows_path, group, batch_size, threads, float_dir)
     from compress import evaluate, models
 
     tensors = load_file(windows_path)
@@ -185,6 +195,58 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
     return {"peer_version": llmcompressor.__version__, "quantized_linears": quantized}
 
 
+def gptqmodel_worker(job: str, windows_path: str, group: int, batch_size: int, threads: int, float_dir: str) -> dict:
+    """GPTQModel on the float model's Hugging Face folder: quantize (timed, its peak RSS taken
+    after), save in its GPTQ format, then read that checkpoint back with compress.checkpoint and
+    evaluate the float model with the dequantized weights by the project's protocol.
+
+    Settings as our default GPTQ's and the other peer's: desc_act with static groups (act-order
+    "static"), dampening 0.01, true-sequential, ``lm_head`` in float; the rest its defaults
+    (among them offloading finished layers to disk)."""
+    import tempfile
+
+    import gptqmodel
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from compress import checkpoint, evaluate
+
+    tensors = load_file(windows_path)
+    calib, evalw = tensors["calibration"], tensors["evaluation"]
+    extra = {}
+    if job.endswith("gptaq"):
+        from gptqmodel.quantization.config import GPTAQConfig
+
+        extra["gptaq"] = GPTAQConfig(alpha=0.25, device="cpu")
+    config = QuantizeConfig(
+        bits=4, group_size=group, sym="-asym" not in job, desc_act=True, static_groups=True, act_group_aware=False,
+        damp_percent=0.01, true_sequential=True, lm_head=False, **extra,
+    )
+    model = GPTQModel.load(float_dir, config, device="cpu", dtype=torch.float32)
+    info: dict = {"job": job, "threads": torch.get_num_threads(), "rss_after_load": peak_rss_bytes(),
+                  "peer_version": f"gptqmodel {gptqmodel.__version__}"}
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib]
+    t, cpu = time.perf_counter(), time.process_time()
+    model.quantize(data, batch_size=1)
+    info["quantize_seconds"] = time.perf_counter() - t
+    info["quantize_cpu_seconds"] = time.process_time() - cpu
+    info["peak_rss_quantize"] = peak_rss_bytes()
+    with tempfile.TemporaryDirectory(prefix="gptqmodel-out-") as out:
+        model.save(out)
+        del model
+        ckpt = checkpoint.read(out)
+    floats = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    for name, qw in ckpt.quantized.items():
+        floats.get_submodule(name).weight.data = qw.dequantize()
+    info["quantized_linears"] = len(ckpt.quantized)
+    t = time.perf_counter()
+    info["eval"] = evaluate.perplexity(floats, evalw, batch_size, "cpu", progress=False)
+    info["eval_seconds"] = time.perf_counter() - t
+    return info
+
+
 def _peer_mse_observer(grid) -> dict:
     kwargs = {"grid": float(grid.grid), "maxshrink": grid.max_shrink, "norm": grid.norm, "patience": grid.patience}
     return {"observer": "mse", "observer_kwargs": kwargs}
@@ -197,7 +259,35 @@ def _peer_mse_observer(grid) -> dict:
 
 def run_job(job: str, windows: Path, opts) -> dict:
     args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
+    if job.startswith("gptqmodel"):
+        args += ["--float-dir", str(float_model_dir(windows.parent))]
+        env = {"GPTQMODEL_CPU_WORKERS": str(max(2, opts.threads))}  # it stalls with fewer (issue 4)
+        return run_worker(__file__, job, windows, args, opts.threads, opts.timeout, opts.gptqmodel_python, env)
     return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout)
+
+
+def float_model_dir(folder: Path) -> Path:
+    return folder / "float-model"
+
+
+def write_float_model(folder: Path) -> Path:
+    """The embedded model in float32 as a Hugging Face folder (for GPTQModel, which loads from a
+    path); written once per results folder, atomically."""
+    import shutil
+
+    from compress import models
+
+    target = float_model_dir(folder)
+    if (target / "config.json").exists():
+        return target
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    loaded = models.load("smollm2", "float32", "cpu")
+    loaded.model.save_pretrained(partial)
+    loaded.tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
 
 
 def fmt_bytes(n: float) -> str:
@@ -229,18 +319,25 @@ def table(results: dict[str, dict], group: int) -> str:
 
 
 def ratios(results: dict[str, dict]) -> list[str]:
-    """Each of our jobs against the peer's job of the same kind (sym/asym; its MSE observer when
-    ours searches clips; same windows), and the share of RTN's perplexity increase it keeps."""
+    """Each of our jobs against each peer's job of the same kind (sym/asym; llm-compressor's MSE
+    observer when ours searches clips; GPTQModel's GPTAQ when ours has the float target; same
+    windows), and the share of RTN's perplexity increase it keeps."""
     out = []
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
     for job, ours in results.items():
         if not job.startswith("ours-") or "eval" not in ours:
             continue
         kind = job[len("ours-") :]
-        base = kind.split("-")[0]
-        peer_job = f"peer-{base}-mse" if "mse" in kind.split("-") else f"peer-{base}"
-        peer, rtn = results.get(peer_job, {}), results.get(f"rtn-{base}", {})
-        if "eval" in peer:
+        parts = kind.split("-")
+        base = parts[0]
+        peer_jobs = [f"peer-{base}-mse" if "mse" in parts else f"peer-{base}"]
+        if "mse" not in parts:
+            gptaq = any(p.startswith("ft") for p in parts)
+            peer_jobs.append(f"gptqmodel-{base}-gptaq" if gptaq else f"gptqmodel-{base}")
+        for peer_job in peer_jobs:
+            peer = results.get(peer_job, {})
+            if "eval" not in peer:
+                continue
             cpu = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
                 cpu = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
@@ -250,6 +347,7 @@ def ratios(results: dict[str, dict]) -> list[str]:
                 f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}{cpu}; "
                 f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
             )
+        rtn = results.get(f"rtn-{base}", {})
         if "eval" in rtn and float_ppl:
             share = (ours["eval"]["perplexity"] - float_ppl) / (rtn["eval"]["perplexity"] - float_ppl)
             out.append(f"- {kind}: our GPTQ keeps {share:.1%} of RTN's perplexity increase over float")
@@ -276,13 +374,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
     p.add_argument("--keep-dir", help="keep per-method results here and reuse those already present")
+    p.add_argument("--gptqmodel-python", default=os.environ.get("GPTQMODEL_PYTHON"),
+                   help="the interpreter of a virtual environment with GPTQModel, for the gptqmodel-* jobs "
+                   "(default: $GPTQMODEL_PYTHON)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--float-dir", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
     if opts.worker:
-        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads)
+        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads, opts.float_dir)
         Path(opts.json).write_text(json.dumps(result))
         return 0
 
@@ -290,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:
         p.error(f"unknown jobs: {', '.join(unknown)}")
+    if any(j.startswith("gptqmodel") for j in jobs) and not opts.gptqmodel_python:
+        p.error("the gptqmodel-* jobs need --gptqmodel-python (a virtual environment with gptqmodel 7.6)")
     command = "python scripts/bench_gptq.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -300,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         windows = folder / "windows.safetensors"
         meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed, opts.eval_skip)
         print(f"data: {meta}", flush=True)
+        if any(j.startswith("gptqmodel") for j in jobs):
+            write_float_model(folder)
         for job in jobs:
             done = folder / f"{job}.json"
             if opts.keep_dir and done.exists():
@@ -315,8 +421,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     versions = bench_versions()
+    others = sorted({r["peer_version"] for j, r in results.items() if j.startswith("gptqmodel") and "eval" in r})
+    if others:
+        versions += ", " + ", ".join(others) + " (in its own virtual environment)"
     body = [
-        "# GPTQ w4: ours vs llm-compressor (and RTN, float)",
+        "# GPTQ w4: ours vs llm-compressor and GPTQModel (and RTN, float)",
         "",
         f"Command (from the repository root, {total / 60:.0f} min in all):",
         "",
@@ -331,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         "Perplexity by the project's protocol (compress.evaluate). `lm_head` kept in float everywhere.",
         f"Versions: {versions}.",
         "Each method runs in its own process; quantize wall time covers only the quantization "
-        "(our layer-by-layer run, or the peer's `oneshot`); peak RSS is the process's peak after quantization "
-        "(model loading included, the same for all).",
+        "(our layer-by-layer run, llm-compressor's `oneshot`, GPTQModel's `quantize`, which includes its packing "
+        "but not its `save`); peak RSS is the process's peak after quantization "
+        "(model loading included). GPTQModel runs with GPTQMODEL_CPU_WORKERS=2 (it stalls with fewer).",
         "",
         table(results, opts.group),
         "",
