@@ -261,7 +261,7 @@ def run_job(job: str, windows: Path, opts) -> dict:
     args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
     if job.startswith("gptqmodel"):
         args += ["--float-dir", str(float_model_dir(windows.parent))]
-        env = {"GPTQMODEL_CPU_WORKERS": str(max(2, opts.threads))}  # it stalls with fewer (issue 4)
+        env = {"GPTQMODEL_CPU_WORKERS": str(max(2, opts.threads))}  # what it needs on 2 cores (issue 4)
         return run_worker(__file__, job, windows, args, opts.threads, opts.timeout, opts.gptqmodel_python, env)
     return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout)
 
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         "Each method runs in its own process; quantize wall time covers only the quantization "
         "(our layer-by-layer run, llm-compressor's `oneshot`, GPTQModel's `quantize`, which includes its packing "
         "but not its `save`); peak RSS is the process's peak after quantization "
-        "(model loading included). GPTQModel runs with GPTQMODEL_CPU_WORKERS=2 (it stalls with fewer).",
+        "(model loading included). GPTQModel runs with GPTQMODEL_CPU_WORKERS=2 (what it needs on 2 cores).",
         "",
         table(results, opts.group),
         "",
