@@ -91,11 +91,19 @@ class GPTQStage(QuantStage):
         description="fit each linear's outputs this far (0-1) from the quantized model's own towards the "
         "float model's, from the inputs the quantized model gives it (GPTAQ); costs a float forward per layer",
     )
+    float_target_windows: int | None = Field(
+        None,
+        ge=1,
+        description="estimate the float target's drift term on only the first this many calibration windows "
+        "(rounded up to whole batches; default all): the float forward costs that share of the windows",
+    )
 
     @model_validator(mode="after")
     def _float_target_needs_true_sequential(self) -> GPTQStage:
         if self.float_target and not self.true_sequential:
             raise ValueError("float_target needs true_sequential: true")
+        if self.float_target_windows is not None and not self.float_target:
+            raise ValueError("float_target_windows needs float_target")
         return self
 
 

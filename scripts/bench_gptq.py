@@ -36,7 +36,8 @@ from bench_common import versions as bench_versions  # noqa: E402
 # (job name, what it is) in run order. Our jobs' options are read from the name's parts
 # (see ours_options); "mse" is the per-group clip search (MSEGrid: grid 100, shrinks down to
 # 0.2, norm 2.4, patience 5), the peer's "mse" its MSE weight observer set to the same grid; "ft" is the
-# float target (GPTAQ: GPTQ fitting the float model's outputs; "ft0.25": strength 0.25).
+# float target (GPTAQ: GPTQ fitting the float model's outputs; "ft0.25": strength 0.25; "fw32": its drift
+# term estimated on the first 32 calibration windows).
 JOBS = {
     "float": "float32 model, no quantization",
     "rtn-sym": "RTN w4 g{g} symmetric",
@@ -67,6 +68,12 @@ JOBS = {
         for kind in ("sym", "asym")
         for a in ("0.25", "0.5")
     },
+    **{
+        f"ours-{kind}-ft0.25-fw{n}": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, float target "
+        f"strength 0.25 estimated on the first {n} windows"
+        for kind in ("sym", "asym")
+        for n in (16, 32, 64)
+    },
     "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
     "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
@@ -91,6 +98,7 @@ def ours_options(job: str) -> dict:
         "true_sequential": not job.endswith("seq-off"),
         "mse": "mse" in parts,
         "float_target": next((float(p[2:] or 1) for p in parts if p.startswith("ft")), 0.0),
+        "float_target_windows": next((int(p[2:]) for p in parts if p.startswith("fw")), None),
         "damp_percent": damp[0] if damp else 0.01,
     }
 

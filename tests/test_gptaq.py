@@ -232,3 +232,41 @@ def test_streaming_the_float_walks_down_inputs_changes_nothing(ignore):
         assert torch.equal(qw.codes, kept.quantized[name].codes) and torch.equal(qw.scales, kept.quantized[name].scales)
     for a, b in zip([*streamed_out, *streamed._float_hidden], [*kept_out, *kept._float_hidden], strict=True):
         assert torch.equal(a, b)
+
+
+def test_float_walk_on_the_first_windows_only():
+    """float_target_windows: the float model is walked on the leading batches that hold that many
+    windows (its stream equals the float model's outputs on them), while the Hessians keep every
+    window (layer 0's q/k/v, where nothing has drifted yet, equal plain GPTQ on all windows);
+    covering every window is bit for bit the default."""
+    windows = _calibration(seed=7, n=6)
+    float_out = _last_layer_float_output(make_tiny_model(layers=2), windows)
+    runs = {}
+    for label, alpha, subset in (("plain", 0.0, None), ("all", 0.5, None), ("all6", 0.5, 6), ("first3", 0.5, 3)):
+        model = make_tiny_model(layers=2)
+        stage = GPTQStage(QuantArgs(4, 32, True), ["lm_head"], float_target=alpha, float_target_windows=subset)
+        run_layerwise(model, arch_for(model), windows, [stage], batch_size=2, progress=False)
+        runs[label] = stage
+    first3 = runs["first3"]
+    assert len(first3._float_hidden) == 2  # 3 windows in batches of 2: two batches
+    torch.testing.assert_close(torch.cat(first3._float_hidden), float_out[:4], rtol=1e-5, atol=1e-5)
+    for name, qw in runs["all"].quantized.items():
+        assert torch.equal(qw.codes, runs["all6"].quantized[name].codes), name
+    differs = 0
+    for name, qw in first3.quantized.items():
+        same = torch.equal(qw.codes, runs["plain"].quantized[name].codes)
+        if name.startswith("model.layers.0.self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj"):
+            assert same, name
+        differs += not torch.equal(qw.codes, runs["all"].quantized[name].codes)
+    assert differs > 0  # the drift term from fewer windows is another estimate
+
+
+def test_float_target_windows_option():
+    entry = R.GPTQStage(type="gptq", float_target=0.25, float_target_windows=32)
+    assert stages.build(entry).float_target_windows == 32
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        R.GPTQStage(type="gptq", float_target=0.25, float_target_windows=0)
+    with pytest.raises(ValueError, match="float_target_windows needs float_target"):
+        R.GPTQStage(type="gptq", float_target_windows=8)
+    with pytest.raises(GPTQError, match="at least 1"):
+        GPTQStage(QuantArgs(4, 32, True), float_target=0.5, float_target_windows=0)

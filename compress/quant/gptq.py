@@ -811,11 +811,15 @@ class GPTQStage(QuantizingStage):
         mse: bool = False,
         true_sequential: bool = True,
         float_target: float = 0.0,
+        float_target_windows: int | None = None,
     ):
         """``float_target`` α in [0, 1]: fit each linear's outputs α of the way from the quantized
         model's own towards the float model's (GPTAQ; see :func:`float_target_weight`), walking the
         float layer beside the quantized one; 0 is plain GPTQ. Needs ``true_sequential`` and a
-        Llama-family layer (others are quantized without it, with a note)."""
+        Llama-family layer (others are quantized without it, with a note).
+        ``float_target_windows``: walk the float model on only the first this many calibration
+        windows (rounded up to whole batches; None: all) and estimate the drift term from them; the
+        Hessians still use every window. Cuts the float walk's time and memory in proportion."""
         super().__init__(args, ignore)
         self.damp_percent = damp_percent
         self.block_size = block_size
@@ -825,6 +829,9 @@ class GPTQStage(QuantizingStage):
         if not 0.0 <= float_target <= 1.0:
             raise GPTQError(f"float_target must be between 0 and 1, got {float_target}")
         self.float_target = float(float_target)
+        if float_target_windows is not None and float_target_windows < 1:
+            raise GPTQError(f"float_target_windows must be at least 1, got {float_target_windows}")
+        self.float_target_windows = float_target_windows
         # The float model's inputs of the next layer (float_target), and that layer's index.
         self._float_hidden: list[Tensor] | None = None
         self._float_hidden_layer: int | None = None
@@ -849,6 +856,7 @@ class GPTQStage(QuantizingStage):
             mse=entry.mse,
             true_sequential=entry.true_sequential,
             float_target=entry.float_target,
+            float_target_windows=entry.float_target_windows,
         )
 
     def apply_layer(self, ctx: LayerContext) -> None:
@@ -934,9 +942,12 @@ class GPTQStage(QuantizingStage):
                 continue
             acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
             cross = CrossAccumulator(xs[0].shape[-1], xs[0].device) if float_xs is not None else None
-            for x, x_float in zip(xs, float_xs if float_xs is not None else itertools.repeat(None)):
+            # The float walk covers the first len(float_xs) batches (float_target_windows): in step.
+            float_batches = iter(float_xs) if float_xs is not None else iter(())
+            for x in xs:
                 acc.add(x)
-                if cross is not None:
+                x_float = next(float_batches, None)
+                if x_float is not None:
                     cross.add(x, x_float)
             self.quantize_linears(ctx.name, targets, acc.hessian(), None if cross is None else cross.value())
         ctx.outputs = walk.outputs
@@ -957,14 +968,24 @@ class GPTQStage(QuantizingStage):
                 message = f"{ctx.name}: float target starts here, from the quantized model's inputs (resumed run?)"
                 self.notes.append(message)
                 log.warning(message)
-            float_hidden = list(ctx.inputs.hidden)
+            float_hidden = list(ctx.inputs.hidden)[: self._float_batches(ctx.inputs.hidden)]
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
-        walk = _LlamaWalk(
-            float_ctx, float_hidden, ctx.inputs.kwargs, True, window_chunk=self.window_chunk, overwrite_inputs=own
-        )
+        kwargs = ctx.inputs.kwargs[: len(float_hidden)]
+        walk = _LlamaWalk(float_ctx, float_hidden, kwargs, True, window_chunk=self.window_chunk, overwrite_inputs=own)
         walk.stream_down = self.stream_float_down
         return walk
+
+    def _float_batches(self, hidden: list[Tensor]) -> int:
+        """How many of the leading batches hold ``float_target_windows`` windows (all without it)."""
+        if self.float_target_windows is None:
+            return len(hidden)
+        windows = 0
+        for i, h in enumerate(hidden):
+            windows += h.shape[0] if h.dim() >= 3 else 1
+            if windows >= self.float_target_windows:
+                return i + 1
+        return len(hidden)
 
     def resume_state(self) -> dict:
         """The float model's hidden states for the next layer (float_target), so that a resumed
