@@ -382,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
     p.add_argument("--keep-dir", help="keep per-method results here and reuse those already present")
-    p.add_argument("--gptqmodel-python", default=os.environ.get("GPTQMODEL_PYTHON"),
+    peers_gptqmodel = ROOT / ".venv-peers/gptqmodel/bin/python"  # scripts/setup_peers.sh
+    default_gptqmodel = str(peers_gptqmodel) if peers_gptqmodel.exists() else None
+    p.add_argument("--gptqmodel-python", default=os.environ.get("GPTQMODEL_PYTHON") or default_gptqmodel,
                    help="the interpreter of a virtual environment with GPTQModel, for the gptqmodel-* jobs "
-                   "(default: $GPTQMODEL_PYTHON)")
+                   "(default: $GPTQMODEL_PYTHON, else .venv-peers/gptqmodel from scripts/setup_peers.sh)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--float-dir", help=argparse.SUPPRESS)
     p.add_argument("--windows", help=argparse.SUPPRESS)
@@ -401,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown jobs: {', '.join(unknown)}")
     if any(j.startswith("gptqmodel") for j in jobs) and not opts.gptqmodel_python:
-        p.error("the gptqmodel-* jobs need --gptqmodel-python (a virtual environment with gptqmodel 7.6)")
+        p.error("the gptqmodel-* jobs need --gptqmodel-python (a virtual environment with gptqmodel 7.6: "
+                "scripts/setup_peers.sh makes one)")
     command = "python scripts/bench_gptq.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
