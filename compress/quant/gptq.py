@@ -657,10 +657,10 @@ class _LlamaWalk:
     ):
         """``drop_inputs``: set each entry of ``hidden`` to None once its residual is formed (the
         caller no longer needs the inputs); ``overwrite_inputs``: besides, nothing else reads those
-        tensors, so the residual may be written over them. ``window_chunk``: run each sub-block this many windows at
-        a time (None: whole batches), so that its transients (the MLP's 1536-wide gate, up and
-        their product; attention's queries, rotations, scores) are a few windows' worth, not a
-        batch's; the result is the same (see :meth:`_by_window`)."""
+        tensors, so the residual may be written over them. ``window_chunk``: run each sub-block
+        this many windows at a time (None: whole batches), so that its transients (the MLP's
+        1536-wide gate, up and their product; attention's queries, rotations, scores) are a few
+        windows' worth, not a batch's; the result is the same (see :meth:`_by_window`)."""
         names = _llama_names(ctx)
         if names is None:
             raise GPTQError(f"{ctx.name} is not a Llama-family layer")
