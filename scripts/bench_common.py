@@ -56,16 +56,19 @@ def make_windows(path: Path, calibration: int, eval_windows: int, seq_len: int, 
 
 
 def run_worker(script: str, job: str, windows: Path, args: list[str], threads: int,
-               timeout: float | None = None, python: str | None = None, env: dict | None = None) -> dict:
+               timeout: float | None = None, python: str | None = None, env: dict | None = None,
+               cwd: Path | None = None) -> dict:
     """Run ``script --worker job`` in a fresh process (under ``python``: another virtual
-    environment's interpreter, default this one's); its JSON result, or {"error": ...}."""
+    environment's interpreter, default this one's; in ``cwd``, default the repository root,
+    for a peer that writes files where it runs); its JSON result, or {"error": ...}."""
+    windows = windows.resolve()
     out = windows.parent / f"{job}.json"
-    cmd = [python or sys.executable, script, "--worker", job, "--windows", str(windows), "--json", str(out),
-           "--threads", str(threads), *args]
+    cmd = [python or sys.executable, str(Path(script).resolve()), "--worker", job, "--windows", str(windows),
+           "--json", str(out), "--threads", str(threads), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
     t = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"job": job, "error": f"killed after {timeout} s", "process_seconds": time.perf_counter() - t}
     if proc.returncode != 0:

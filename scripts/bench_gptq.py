@@ -268,9 +268,12 @@ def _peer_mse_observer(grid) -> dict:
 def run_job(job: str, windows: Path, opts) -> dict:
     args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
     if job.startswith("gptqmodel"):
-        args += ["--float-dir", str(float_model_dir(windows.parent))]
+        folder = windows.parent.resolve()
+        args += ["--float-dir", str(float_model_dir(folder))]
         env = {"GPTQMODEL_CPU_WORKERS": str(max(2, opts.threads))}  # what it needs on 2 cores (issue 4)
-        return run_worker(__file__, job, windows, args, opts.threads, opts.timeout, opts.gptqmodel_python, env)
+        # In the results folder: GPTQModel writes a logs/ folder wherever it runs.
+        return run_worker(__file__, job, windows, args, opts.threads, opts.timeout, opts.gptqmodel_python, env,
+                          cwd=folder)
     return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout)
 
 
