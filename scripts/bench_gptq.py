@@ -114,7 +114,7 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
 
     torch.set_num_threads(threads)
     if job.startswith("gptqmodel"):
-        return gptqmodel_worker(job, windows_path, group, batch_size, threads, float_dir)
+        return gptqmodel_worker(job, windows_path, group, batch_size, float_dir)
     from compress import evaluate, models
 
     tensors = load_file(windows_path)
@@ -203,7 +203,7 @@ def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: i
     return {"peer_version": llmcompressor.__version__, "quantized_linears": quantized}
 
 
-def gptqmodel_worker(job: str, windows_path: str, group: int, batch_size: int, threads: int, float_dir: str) -> dict:
+def gptqmodel_worker(job: str, windows_path: str, group: int, batch_size: int, float_dir: str) -> dict:
     """GPTQModel on the float model's Hugging Face folder: quantize (timed, its peak RSS taken
     after), save in its GPTQ format, then read that checkpoint back with compress.checkpoint and
     evaluate the float model with the dequantized weights by the project's protocol.
@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:
         p.error(f"unknown jobs: {', '.join(unknown)}")
-    if any(j.startswith("gptqmodel") for j in jobs) and not opts.gptqmodel_python:
+    wants_gptqmodel = any(j.startswith("gptqmodel") for j in jobs)
+    if wants_gptqmodel and not opts.gptqmodel_python:
         p.error("the gptqmodel-* jobs need --gptqmodel-python (a virtual environment with gptqmodel 7.6: "
                 "scripts/setup_peers.sh makes one)")
     command = "python scripts/bench_gptq.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -418,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         windows = folder / "windows.safetensors"
         meta = make_windows(windows, opts.calibration, opts.eval_windows, opts.seq_len, opts.seed, opts.eval_skip)
         print(f"data: {meta}", flush=True)
-        if any(j.startswith("gptqmodel") for j in jobs):
+        if wants_gptqmodel:
             write_float_model(folder)
         for job in jobs:
             done = folder / f"{job}.json"

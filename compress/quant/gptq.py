@@ -968,7 +968,7 @@ class GPTQStage(QuantizingStage):
                 message = f"{ctx.name}: float target starts here, from the quantized model's inputs (resumed run?)"
                 self.notes.append(message)
                 log.warning(message)
-            float_hidden = list(ctx.inputs.hidden)[: self._float_batches(ctx.inputs.hidden)]
+            float_hidden = ctx.inputs.hidden[: self._float_batches(ctx.inputs.hidden)]  # a new list
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
         kwargs = ctx.inputs.kwargs[: len(float_hidden)]
