@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,9 +61,15 @@ def _first(output):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, arch: Arch, windows: Tensor, batch_size: int, device: torch.device | str
+    model: nn.Module,
+    arch: Arch,
+    windows: Tensor,
+    batch_size: int,
+    device: torch.device | str,
+    store: torch.device | str | None = None,
 ) -> LayerInputs:
-    """Run the model up to its first decoder layer on every batch of ``windows``."""
+    """Run the model up to its first decoder layer on every batch of ``windows``; the hidden
+    states are kept on ``store`` (default: ``device``), the other arguments on ``device``."""
     layers = decoder_layers(model, arch)
     first = layers[0]
     hidden: list[Tensor] = []
@@ -76,15 +83,17 @@ def capture_layer_inputs(
             self.attention_type = getattr(wrapped, "attention_type", "full_attention")
 
         def forward(self, hidden_states, *args, **kw):
-            hidden.append(hidden_states)
+            hidden.append(hidden_states if store is None else hidden_states.to(store))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache", "use_cache")}
             kwargs.append(kw)
             raise _StopForward
 
-    # Only the parts before the first layer need to be on the device.
+    # Only the parts before the first layer need to be on the device, and only while they run:
+    # they go home afterwards (a tied output layer shares the embedding's weight).
     pre = [get_module(model, arch.embed_path)]
     with contextlib.suppress(AttributeError):
         pre.append(get_module(model, arch.rotary_path))
+    homes = [_module_device(m) for m in pre]
     for m in pre:
         m.to(device)
     layers[0] = Catcher(first)
@@ -97,7 +106,14 @@ def capture_layer_inputs(
                 pass
     finally:
         layers[0] = first
+        for m, home in zip(pre, homes):
+            m.to(home)
     return LayerInputs(hidden, kwargs)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 @dataclass
@@ -109,7 +125,7 @@ class LayerContext:
     layer: nn.Module
     arch: Arch
     config: object
-    inputs: LayerInputs
+    inputs: LayerInputs  # its hidden states on ``device``, or in CPU memory when offloaded
     device: torch.device
     model: nn.Module | None = None
     log: list[str] = field(default_factory=list)
@@ -129,13 +145,20 @@ class LayerContext:
     def submodule(self, name: str) -> nn.Module:
         return get_module(self.layer, name)
 
+    def inputs_to_device(self) -> None:
+        """Bring offloaded hidden states to the device (in place), for code that reads them there."""
+        hidden = self.inputs.hidden
+        for b, h in enumerate(hidden):
+            if h is not None and h.device != self.device:
+                hidden[b] = h.to(self.device)
+
     @torch.no_grad()
     def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True) -> list[Tensor]:
         """Run the layer on every input batch, with forward hooks on named submodules."""
         outputs = []
         with self.hooked(hooks or {}):
             for h, kw in zip(self.inputs.hidden, self.inputs.kwargs, strict=True):
-                out = _first(self.layer(h, **kw))
+                out = _first(self.layer(h.to(self.device), **kw))
                 if keep_outputs:
                     outputs.append(out)
         return outputs
@@ -151,6 +174,10 @@ class LayerContext:
 
 
 class LayerStage(Protocol):
+    """One step applied to each decoder layer. A stage whose ``reads_offloaded_inputs`` is True
+    takes the layer's hidden states where they are kept (CPU memory when offloaded) and moves
+    what it works on to ``ctx.device`` itself; any other gets them on the device."""
+
     name: str
 
     def apply_layer(self, ctx: LayerContext) -> None: ...
@@ -233,18 +260,28 @@ def run_layerwise(
     start_layer: int = 0,
     inputs: LayerInputs | None = None,
     on_layer_done: Callable[[int, LayerInputs], None] | None = None,
+    offload_activations: bool = False,
 ) -> LayerInputs:
     """Apply ``stages`` to each decoder layer in turn; returns the last layer's outputs.
 
     ``start_layer`` and ``inputs`` resume a run whose earlier layers are already done.
+    ``offload_activations``: keep the calibration activations in the model's home memory (the
+    CPU) rather than on ``device`` (a GPU), moving what is being worked on over as it is needed,
+    so that the device holds one layer and a batch's worth of activations, not every window's
+    (as the peers do): for models whose activations do not fit on the device. Slower (every
+    window crosses the bus several times a layer). A stage that cannot work on offloaded inputs
+    gets them on the device (see :class:`LayerStage`).
     """
     release_freed_memory_eagerly()
     device = torch.device(device)
     layers = decoder_layers(model, arch)
     home = next(model.parameters()).device
+    store = home if offload_activations else device
     callers_inputs = inputs is not None
     if inputs is None:
-        inputs = capture_layer_inputs(model, arch, windows, batch_size, device)
+        inputs = capture_layer_inputs(model, arch, windows, batch_size, device, store)
+    else:
+        inputs = LayerInputs([h.to(store) for h in inputs.hidden], inputs.kwargs)
     bar = tqdm(range(start_layer, len(layers)), desc="layers", disable=not progress, unit="layer")
     for i in bar:
         layer = layers[i].to(device)
@@ -260,9 +297,13 @@ def run_layerwise(
             ctx.outputs = None
             ctx.inputs_disposable = stage is stages[-1]
             ctx.inputs_overwritable = ctx.inputs_disposable and not (callers_inputs and i == start_layer)
+            if not getattr(stage, "reads_offloaded_inputs", False):
+                ctx.inputs_to_device()
             stage.apply_layer(ctx)
         # The compressed layer's outputs feed the next layer.
-        inputs = LayerInputs(ctx.outputs if ctx.outputs is not None else ctx.forward(), kwargs)
+        outputs = ctx.outputs if ctx.outputs is not None else ctx.forward()
+        inputs = LayerInputs([h.to(store) for h in outputs], kwargs)
+        del outputs
         ctx.inputs.hidden.clear()
         ctx.outputs = None
         layers[i].to(home)

@@ -333,6 +333,7 @@ def _run(recipe: R.Recipe, out: Path, tmp: Path, progress: bool, resume: bool = 
         final = run_layerwise(
             model, arch, windows, built, device, recipe.batch_size, progress,
             start_layer=start, inputs=inputs, on_layer_done=on_layer_done,
+            offload_activations=recipe.offload_activations,
         )
         fault("after_layers")
         for s in built:

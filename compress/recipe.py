@@ -198,6 +198,12 @@ class Recipe(Strict):
     trust_remote_code: bool = False
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
+    offload_activations: bool = Field(
+        False,
+        description="on a GPU, keep the calibration activations in CPU memory and bring each batch over as "
+        "it is worked on (GPTQ's walk): one batch's activations on the GPU instead of every window's, for "
+        "models whose activations do not fit; slower (host-device copies)",
+    )
     data: DataConfig = DataConfig()
     stages: list[Stage] = Field(default_factory=list)
     eval: EvalConfig = EvalConfig()

@@ -148,3 +148,16 @@ def test_dequantize_with_permuted_g_idx():
     # Permuting columns together with their group index gives the permuted weight.
     moved = int4.dequantize(qw.codes[:, perm], qw.scales, qw.zeros, qw.group_index()[perm])
     torch.testing.assert_close(moved, qw.dequantize()[:, perm], rtol=0, atol=0)
+
+
+def test_record_to_device_keeps_its_kind():
+    from compress.quant.gptq import PackedCodesWeight
+
+    g = torch.Generator().manual_seed(0)
+    qw = int4.quantize(torch.randn(8, 40, generator=g), QuantArgs(4, 16, False))
+    assert qw.to("cpu") is qw  # already there: no copy
+    packed = PackedCodesWeight.of(qw)
+    assert packed.to("cpu") is packed
+    moved = qw.to("meta")
+    assert type(moved) is type(qw) and moved.codes.device.type == "meta"
+    assert moved.shape == qw.shape and (moved.bits, moved.group_size, moved.symmetric) == (4, 16, False)

@@ -39,8 +39,9 @@ class QuantizingStage:
                 yield short, ctx.submodule(short)
 
     def record(self, full_name: str, module: nn.Linear, qw: QuantizedWeight) -> None:
-        """Keep the record and put the weights it stands for into the model."""
-        self.quantized[full_name] = qw
+        """Keep the record (in CPU memory: on a GPU a run's records would add up to a model's
+        worth of device memory) and put the weights it stands for into the model."""
+        self.quantized[full_name] = qw.to("cpu")
         # In place: a new tensor would sit beside the loaded one (often pages of the mapped
         # checkpoint that stay resident), adding a model's worth of memory over a run.
         module.weight.data.copy_(qw.dequantize(module.weight.dtype))

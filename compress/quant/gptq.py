@@ -667,6 +667,10 @@ class _LlamaWalk:
         self.m = {k: ctx.submodule(v) for k, v in names.items()}
         self.seq = ctx.arch.sequential
         self.hidden, self.kwargs = hidden, kwargs
+        # Offloaded activations (a GPU run): every tensor the walk keeps lives where the inputs
+        # do (CPU memory); each window is brought to the device for its sub-block.
+        self.device = ctx.device
+        self.storage = next((h.device for h in hidden if h is not None), ctx.device)
         self.drop_inputs = drop_inputs
         self.overwrite_inputs = overwrite_inputs and drop_inputs
         self.window_chunk = window_chunk
@@ -686,14 +690,15 @@ class _LlamaWalk:
         goes on when resumed; the layer's outputs are then in ``self.outputs``. Lets two walks
         (the float layer's and the quantized one's) advance cut by cut side by side."""
         m, seq = self.m, self.seq
-        xs = [self._by_window(lambda rows, h=h: m["input_norm"](h[rows]), h) for h in self.hidden]
+        on = self._on_device
+        xs = [self._by_window(lambda rows, h=h: m["input_norm"](on(h[rows])), h) for h in self.hidden]
         yield seq[0], xs
         attn, o_proj = m["attention"], m["o_proj"]
         for i, kw in enumerate(self.kwargs):
             x = xs[i]
             xs[i] = self._by_window(
                 lambda rows, x=x, kw=kw: _input_of(
-                    o_proj, lambda: attn(hidden_states=x[rows], **_batch_rows(kw, x.shape[0], rows))
+                    o_proj, lambda: attn(hidden_states=on(x[rows]), **_batch_rows(kw, x.shape[0], rows))
                 ),
                 x,
                 into=x,
@@ -706,11 +711,11 @@ class _LlamaWalk:
         for i in range(len(xs)):
             h, x = self.hidden[i], xs[i]
             into = h if self.overwrite_inputs else None
-            residual.append(self._by_window(lambda rows, h=h, x=x: h[rows] + o_proj(x[rows]), x, into=into))
+            residual.append(self._by_window(lambda rows, h=h, x=x: on(h[rows]) + o_proj(on(x[rows])), x, into=into))
             del h
             if self.drop_inputs:
                 self.hidden[i] = None
-            xs[i] = self._by_window(lambda rows, r=residual[i]: m["post_norm"](r[rows]), x, into=x)
+            xs[i] = self._by_window(lambda rows, r=residual[i]: m["post_norm"](on(r[rows])), x, into=x)
             del x
         yield seq[2], xs
         if self.stream_down:
@@ -733,29 +738,34 @@ class _LlamaWalk:
     def _down_input(self, x: Tensor) -> Tensor:
         """down_proj's input for the batch ``x`` (the MLP up to down_proj)."""
         mlp, down = self.m["mlp"], self.m["down"]
-        return self._by_window(lambda rows: _input_of(down, lambda: mlp(x[rows])), x)
+        return self._by_window(lambda rows: _input_of(down, lambda: mlp(self._on_device(x[rows]))), x)
 
     def _layer_output(self, residual: Tensor, down_input: Tensor) -> Tensor:
-        down = self.m["down"]
-        return self._by_window(lambda rows: residual[rows] + down(down_input[rows]), down_input, into=residual)
+        down, on = self.m["down"], self._on_device
+        return self._by_window(lambda rows: on(residual[rows]) + down(on(down_input[rows])), down_input, into=residual)
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        return t.to(self.device)
 
     def _by_window(self, make: Callable[[slice], Tensor], batch: Tensor, into: Tensor | None = None) -> Tensor:
         """``make(rows)`` for the whole batch, computed ``window_chunk`` windows (rows of ``batch``)
         at a time and gathered: the same result, with each sub-block's transients a few windows'
         worth instead of a batch's. They then fit under :func:`transients_on_heap`'s threshold and
         reuse freed heap memory, where whole-batch ones would each be fresh pages from the kernel
-        (their page faults were a tenth of the walk's CPU time on the embedded model).
+        (their page faults were a tenth of the walk's CPU time on the embedded model). The result
+        is kept in the walk's storage (offloaded: CPU memory).
 
         ``into``: a tensor of the batch's that is no longer needed except by ``make`` for the same
         rows; the result is written over it when it has the result's shape (no fresh pages)."""
         chunk, windows = self.window_chunk, batch.shape[0]
         if chunk is None or batch.dim() < 3 or windows <= chunk:
-            return make(slice(None))
+            return make(slice(None)).to(self.storage)
         part = make(slice(0, chunk))
-        if into is not None and into.shape[1:] == part.shape[1:] and into.dtype == part.dtype:
+        fits = into is not None and into.shape[1:] == part.shape[1:] and into.dtype == part.dtype
+        if fits and into.device == self.storage:
             out = into
-        else:
-            out = part.new_empty((windows, *part.shape[1:]))  # before the heap-only loop: it lives on
+        else:  # made before the heap-only loop: it lives on
+            out = part.new_empty((windows, *part.shape[1:]), device=self.storage)
         out[:chunk] = part
         del part
         with transients_on_heap():
@@ -800,6 +810,8 @@ class GPTQStage(QuantizingStage):
 
     name = "gptq"
     needs_calibration = True
+    # The step-by-step walk moves each window to the device as it works on it (run_layerwise).
+    reads_offloaded_inputs = True
 
     def __init__(
         self,
@@ -863,6 +875,7 @@ class GPTQStage(QuantizingStage):
         if self.true_sequential and self.stepwise and self._stepwise_fits(ctx):
             self._apply_layer_stepwise(ctx)
             return
+        ctx.inputs_to_device()  # the re-running method runs the layer on them as they are
         if self.float_target > 0:
             self._float_hidden = None  # the float stream cannot go through this layer
             message = f"{ctx.name}: float target needs the step-by-step walk; quantized against its own inputs"
@@ -907,11 +920,11 @@ class GPTQStage(QuantizingStage):
         if hidden.shape[0] > 1:
             hidden, kwargs = hidden[:1], _batch_rows(kwargs, hidden.shape[0], slice(0, 1))
         try:
-            walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0]
+            walked = _LlamaWalk(ctx, [hidden], [kwargs]).run(lambda names, xs: None)[0].to(ctx.device)
         except Exception as e:  # any mismatch in structure means: use the general method
             log.info("step-by-step walk failed on %s: %s", type(ctx.layer).__name__, e)
             return False
-        expected = _first_output(ctx.layer(hidden, **kwargs))
+        expected = _first_output(ctx.layer(hidden.to(ctx.device), **kwargs))
         return walked.shape == expected.shape and torch.allclose(walked, expected, rtol=1e-5, atol=1e-6)
 
     @torch.no_grad()
@@ -940,15 +953,17 @@ class GPTQStage(QuantizingStage):
             targets = list(self.targets(ctx, names))
             if not targets:
                 continue
-            acc = HessianAccumulator(xs[0].shape[-1], xs[0].device)
-            cross = CrossAccumulator(xs[0].shape[-1], xs[0].device) if float_xs is not None else None
+            acc = HessianAccumulator(xs[0].shape[-1], ctx.device)
+            cross = CrossAccumulator(xs[0].shape[-1], ctx.device) if float_xs is not None else None
             # The float walk covers the first len(float_xs) batches (float_target_windows): in step.
             float_batches = iter(float_xs) if float_xs is not None else iter(())
             for x in xs:
+                x = x.to(ctx.device)  # a batch at a time when offloaded
                 acc.add(x)
                 x_float = next(float_batches, None)
                 if x_float is not None:
-                    cross.add(x, x_float)
+                    cross.add(x, x_float.to(ctx.device))
+                del x, x_float
             self.quantize_linears(ctx.name, targets, acc.hessian(), None if cross is None else cross.value())
         ctx.outputs = walk.outputs
         if float_walk is not None:
@@ -972,7 +987,8 @@ class GPTQStage(QuantizingStage):
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
         kwargs = ctx.inputs.kwargs[: len(float_hidden)]
-        walk = _LlamaWalk(float_ctx, float_hidden, kwargs, True, window_chunk=self.window_chunk, overwrite_inputs=own)
+        chunk = self.window_chunk
+        walk = _LlamaWalk(float_ctx, float_hidden, kwargs, True, window_chunk=chunk, overwrite_inputs=own)
         walk.stream_down = self.stream_float_down
         return walk
 

@@ -64,6 +64,15 @@ class QuantizedWeight:
     def args(self) -> QuantArgs:
         return QuantArgs(self.bits, self.group_size, self.symmetric)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """This record with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.scales.device == device:
+            return self
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        return type(self)(self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.bits,
+                          self.group_size, self.symmetric, g_idx)
+
     def group_index(self) -> Tensor:
         if self.g_idx is not None:
             return self.g_idx.long()

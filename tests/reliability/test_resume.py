@@ -296,3 +296,23 @@ def test_resume_a_drop_layers_recipe(setup, monkeypatch, capsys):
     _interrupt_then_resume(path, "after_save:1", monkeypatch, capsys, out)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     assert_identical(out, root / "drop-ref")
+
+
+def test_offload_activations_reaches_the_engine(setup, monkeypatch):
+    """The recipe's offload_activations is handed to the engine; on the CPU (activations already in
+    CPU memory) it changes nothing. Its GPU behaviour is tested in tests/test_cuda.py."""
+    root, recipe = setup
+    recipe = copy.deepcopy(recipe)
+    recipe["offload_activations"] = True
+    recipe["export"]["output"] = str(root / "offload")
+    seen = []
+    real = pipeline.run_layerwise
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("offload_activations"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_layerwise", spy)
+    pipeline.run(R.parse(recipe), progress=False)
+    assert seen == [True]
+    assert_identical(root / "offload", root / "ref")
