@@ -74,6 +74,11 @@ JOBS = {
         for kind in ("sym", "asym")
         for n in (16, 32, 64)
     },
+    **{
+        f"ours-{kind}-offload": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, activations "
+        "offloaded to CPU memory (a GPU run)"
+        for kind in ("sym", "asym")
+    },
     "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
     "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
@@ -90,7 +95,8 @@ JOBS = {
 
 
 def ours_options(job: str) -> dict:
-    """GPTQStage keyword arguments for one of our jobs, from the parts of its name."""
+    """GPTQStage keyword arguments for one of our jobs, from the parts of its name (and
+    "offload", which the worker reads: run_layerwise's offload_activations)."""
     parts = job.split("-")
     damp = [float(p[len("damp") :]) for p in parts if p.startswith("damp")]
     return {
@@ -108,14 +114,15 @@ def ours_options(job: str) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int, float_dir: str | None) -> dict:
+def worker(job: str, windows_path: str, group: int, batch_size: int, threads: int, float_dir: str | None,
+           device: str = "cpu") -> dict:
     import torch
     from safetensors.torch import load_file
 
     torch.set_num_threads(threads)
     if job.startswith("gptqmodel"):
         return gptqmodel_worker(job, windows_path, group, batch_size, float_dir)
-    from compress import evaluate, models
+    from compress import models
 
     tensors = load_file(windows_path)
     calib, evalw = tensors["calibration"], tensors["evaluation"]
@@ -123,7 +130,11 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     model = loaded.model
     rss_loaded = peak_rss_bytes()
     symmetric = "-asym" not in job
-    info: dict = {"job": job, "threads": torch.get_num_threads()}
+    info: dict = {"job": job, "threads": torch.get_num_threads(), "device": device}
+    cuda = device.startswith("cuda")
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
     t = time.perf_counter()
     cpu = time.process_time()
@@ -142,11 +153,16 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
 
             stage = GPTQStage(args, ["lm_head"], **ours_options(job))
             windows = calib
-        run_layerwise(model, loaded.arch, windows, [stage], "cpu", batch_size, progress=False)
+        run_layerwise(model, loaded.arch, windows, [stage], device, batch_size, progress=False,
+                      offload_activations="-offload" in job)
         info["quantized_linears"] = len(stage.quantized)
         info["notes"] = list(getattr(stage, "notes", []))
     elif job.startswith("peer"):
+        # On a CUDA machine llm-compressor's sequential pipeline runs each layer on the GPU by itself.
         info.update(run_peer(model, loaded.tokenizer, calib, group, symmetric, batch_size, mse=job.endswith("mse")))
+    if cuda:
+        torch.cuda.synchronize(device)
+        info["peak_gpu_quantize"] = torch.cuda.max_memory_allocated(device)
     info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
     # CPU time (all threads): fairer than wall time when the cores are shared with other jobs.
     info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
@@ -154,9 +170,24 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     info["rss_after_load"] = rss_loaded
 
     t = time.perf_counter()
-    info["eval"] = evaluate.perplexity(model, evalw, batch_size, "cpu", progress=False)
+    info["eval"] = _perplexity_on(device, model, evalw, batch_size, info)
     info["eval_seconds"] = time.perf_counter() - t
     return info
+
+
+def _perplexity_on(device: str, model, windows, batch_size: int, info: dict) -> dict:
+    """The evaluation on ``device``; on a GPU, where a peer's onloading wrappers may be left on the
+    model, any failure falls back to the CPU (and says so in ``info``)."""
+    from compress import evaluate
+
+    if device.startswith("cuda"):
+        try:
+            model.to(device)
+            return evaluate.perplexity(model, windows, batch_size, device, progress=False)
+        except Exception as e:  # reported in the results, never silent
+            info.setdefault("notes", []).append(f"evaluated on the CPU: on {device}: {str(e).splitlines()[0][:120]}")
+            model.to("cpu")
+    return evaluate.perplexity(model, windows, batch_size, "cpu", progress=False)
 
 
 def run_peer(model, tokenizer, calib, group: int, symmetric: bool, batch_size: int, mse: bool = False) -> dict:
@@ -266,7 +297,7 @@ def _peer_mse_observer(grid) -> dict:
 
 
 def run_job(job: str, windows: Path, opts) -> dict:
-    args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size)]
+    args = ["--group", str(opts.group), "--batch-size", str(opts.batch_size), "--device", opts.device]
     if job.startswith("gptqmodel"):
         folder = windows.parent.resolve()
         args += ["--float-dir", str(float_model_dir(folder))]
@@ -307,24 +338,27 @@ def fmt_bytes(n: float) -> str:
 
 def table(results: dict[str, dict], group: int) -> str:
     float_ppl = results.get("float", {}).get("eval", {}).get("perplexity")
+    gpu = any("peak_gpu_quantize" in r for r in results.values())
     lines = [
-        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | RSS after load | eval s "
-        "| what |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| method | perplexity | Δ vs float | quantize wall s | quantize CPU s | peak RSS | RSS after load "
+        + ("| peak GPU " if gpu else "") + "| eval s | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if gpu else "") + "--- |",
     ]
     for job, r in results.items():
         what = JOBS[job].format(g=group)
         if "error" in r:
             first = r["error"].splitlines()[-1] if r["error"] else "failed"
-            lines.append(f"| {job} | failed | | | | | | | {what}: `{first[:160]}` |")
+            lines.append(f"| {job} | failed | | | | | | | " + ("| " if gpu else "") + f"{what}: `{first[:160]}` |")
             continue
         ppl = r["eval"]["perplexity"]
         delta = f"{ppl - float_ppl:+.3f}" if float_ppl else ""
         secs = f"{r['quantize_seconds']:.1f}" if job != "float" else "–"
         cpu = f"{r['quantize_cpu_seconds']:.1f}" if job != "float" and "quantize_cpu_seconds" in r else "–"
         rss, load = fmt_bytes(r["peak_rss_quantize"]), fmt_bytes(r.get("rss_after_load", 0))
+        gpu_peak = (f"{fmt_bytes(r['peak_gpu_quantize'])} | " if "peak_gpu_quantize" in r else "– | ") if gpu else ""
         lines.append(
-            f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {load} | {r['eval_seconds']:.0f} | {what} |"
+            f"| {job} | {ppl:.3f} | {delta} | {secs} | {cpu} | {rss} | {load} | {gpu_peak}{r['eval_seconds']:.0f} "
+            f"| {what} |"
         )
     return "\n".join(lines)
 
@@ -352,11 +386,13 @@ def ratios(results: dict[str, dict]) -> list[str]:
             cpu = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
                 cpu = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
+            if ours.get("peak_gpu_quantize") and peer.get("peak_gpu_quantize"):
+                cpu += f"; peak GPU memory ours/peer {ours['peak_gpu_quantize'] / peer['peak_gpu_quantize']:.3f}"
             ppl_ratio = ours["eval"]["perplexity"] / peer["eval"]["perplexity"]
             out.append(
                 f"- {kind} vs {peer_job}: perplexity ours/peer {ppl_ratio:.4f}; "
-                f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}{cpu}; "
-                f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}"
+                f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}; "
+                f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}{cpu}"
             )
         rtn = results.get(f"rtn-{base}", {})
         if "eval" in rtn and float_ppl:
@@ -381,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads for every method (1: the cores are shared)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds before a method's process is killed")
+    p.add_argument("--device", default="cpu", help="where the layers run (cpu, cuda); the model's home is the CPU "
+                   "either way, as the peers keep it. GPTQModel's jobs always run on the CPU")
     default_jobs = "float,rtn-sym,rtn-asym,ours-sym,ours-asym,ours-sym-noact,peer-sym,peer-asym"
     p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
@@ -397,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = p.parse_args(argv)
 
     if opts.worker:
-        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads, opts.float_dir)
+        result = worker(opts.worker, opts.windows, opts.group, opts.batch_size, opts.threads, opts.float_dir,
+                        opts.device)
         Path(opts.json).write_text(json.dumps(result))
         return 0
 
@@ -439,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     others = sorted({r["peer_version"] for j, r in results.items() if j.startswith("gptqmodel") and "eval" in r})
     if others:
         versions += ", " + ", ".join(others) + " (in its own virtual environment)"
+    gpus = sorted({r["gpu"] for r in results.values() if "gpu" in r})
     body = [
         "# GPTQ w4: ours vs llm-compressor and GPTQModel (and RTN, float)",
         "",
@@ -448,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Model: embedded SmolLM2-135M-Instruct, float32, CPU ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch threads {opts.threads}, "
-        f"load average at the end {load[0]:.1f}: the cores were shared with other jobs, so times are noisy).",
+        f"load average at the end {load[0]:.1f}: where other jobs share the cores, times are noisy)"
+        + (f"; layers run on {gpus[0]} (`--device {opts.device}`), the model's home is CPU memory." if gpus else "."),
         f"Data: {meta['data']}; calibration {meta['calibration'][0]} x {meta['calibration'][1]} tokens, "
         f"evaluation {meta['evaluation'][0]} x {meta['evaluation'][1]} from window {meta['evaluation_first_window']} "
         "(the same windows for every method). "
