@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
+import pytest
 import torch
 
 from compress.arch import arch_for
-from compress.calibrate import run_layerwise
+from compress.calibrate import release_pages, run_layerwise
 from tests.conftest import make_tiny_model
 
 
@@ -58,3 +62,75 @@ def test_stage_rewrite_feeds_next_layer(tiny_windows):
         full = model(input_ids=tiny_windows).logits  # the model now has the rewrite
         logits = model.lm_head(model.model.norm(torch.cat(outputs.hidden)))
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- parking finished layers
+
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise: Linux only")
+
+
+@needs_linux
+def test_release_pages_hands_back_only_whole_pages_inside_the_tensor():
+    page = os.sysconf("SC_PAGE_SIZE")
+    t = torch.ones(3 * page)  # 12 pages of float32, wherever the allocator put them
+    released = release_pages(t[5:-7])
+    assert released > 0 and released % page == 0
+    zero = (t == 0).nonzero().flatten()
+    # The released pages read as zeros (private anonymous memory), contiguous, inside the slice.
+    assert zero.numel() * 4 == released
+    assert zero[0] >= 5 and zero[-1] < t.numel() - 7 and zero[-1] - zero[0] + 1 == zero.numel()
+    assert release_pages(torch.ones(8)) == 0  # not one whole page
+
+
+class Watcher:
+    """After the first layer: what the second layer's stage finds in the first layer's weights."""
+
+    name = "watcher"
+
+    def __init__(self, model, raise_at: int | None = None):
+        self.model, self.raise_at, self.first_layer_weights = model, raise_at, None
+
+    def apply_layer(self, ctx):
+        if ctx.index == 1:
+            self.first_layer_weights = self.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        if ctx.index == self.raise_at:
+            raise RuntimeError("stop")
+
+
+@needs_linux
+def test_parked_layers_come_back_exactly_and_change_nothing(tiny_windows):
+    from compress.quant.gptq import GPTQStage
+    from compress.quant.int4 import QuantArgs
+
+    results = {}
+    for park in (False, True):
+        model = make_tiny_model(layers=3, hidden=128, intermediate=512)
+        stage, watcher = GPTQStage(QuantArgs(4, 32, True)), Watcher(model)
+        out = run_layerwise(model, arch_for(model), tiny_windows, [stage, watcher], batch_size=4, progress=False,
+                            park_finished_layers=park)
+        for name, record in stage.quantized.items():
+            assert torch.equal(model.get_submodule(name).weight.data, record.dequantize()), name
+        results[park] = (stage.quantized, out.hidden, watcher.first_layer_weights, model.state_dict())
+    (records, hidden, seen, state), (parked_records, parked_hidden, parked_seen, parked_state) = results.values()
+    assert records.keys() == parked_records.keys()
+    assert all(torch.equal(records[n].codes, parked_records[n].codes) for n in records)
+    assert all(torch.equal(a, b) for a, b in zip(hidden, parked_hidden))
+    assert all(torch.equal(state[k], parked_state[k]) for k in state)
+    # While parked, the first layer's quantized weights were really handed back (they read zeros).
+    assert torch.equal(seen, records["model.layers.0.mlp.up_proj"].dequantize())
+    assert (parked_seen == 0).float().mean() > 0.5
+
+
+@needs_linux
+def test_parked_layers_come_back_when_a_run_fails(tiny_windows):
+    from compress.quant.int4 import QuantArgs
+    from compress.quant.rtn import RTNStage
+
+    model = make_tiny_model(layers=3, hidden=128, intermediate=512)
+    stage = RTNStage(QuantArgs(4, 32, True))
+    with pytest.raises(RuntimeError, match="stop"):
+        run_layerwise(model, arch_for(model), tiny_windows, [stage, Watcher(model, raise_at=2)], batch_size=4,
+                      progress=False)
+    assert len(stage.quantized) == 3 * 7
+    for name, record in stage.quantized.items():
+        assert torch.equal(model.get_submodule(name).weight.data, record.dequantize()), name
