@@ -987,8 +987,7 @@ class GPTQStage(QuantizingStage):
         self._float_hidden = None
         float_ctx = dataclasses.replace(ctx, layer=copy.deepcopy(ctx.layer), log=[])
         kwargs = ctx.inputs.kwargs[: len(float_hidden)]
-        chunk = self.window_chunk
-        walk = _LlamaWalk(float_ctx, float_hidden, kwargs, True, window_chunk=chunk, overwrite_inputs=own)
+        walk = _LlamaWalk(float_ctx, float_hidden, kwargs, True, window_chunk=self.window_chunk, overwrite_inputs=own)
         walk.stream_down = self.stream_float_down
         return walk
 
