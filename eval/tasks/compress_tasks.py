@@ -87,7 +87,7 @@ def cloze_rows(docs: list[str], seed: int = 0) -> list[dict]:
         if len(distractors) < CLOZE_CHOICES - 1:
             continue
         label = rng.randrange(CLOZE_CHOICES)
-        choices = distractors[:label] + [answer] + distractors[label:]
+        choices = [*distractors[:label], answer, *distractors[label:]]
         rows.append({"context": " ".join(ss[:k]), "choices": choices, "label": label})
     return rows
 
