@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-.venv/bin/ruff check compress tests scripts
+.venv/bin/ruff check compress tests scripts eval
 .venv/bin/python -m pytest -q --durations=15 "$@"
