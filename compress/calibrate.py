@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import itertools
 import os
 import sys
@@ -209,14 +210,11 @@ def release_freed_memory_eagerly(threshold: int = _EAGER_THRESHOLD) -> None:
     global _mallopt
     if _mallopt is not None or not sys.platform.startswith("linux"):
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = getattr(libc, "mallopt", None)
-        if mallopt is not None:
-            mallopt(_M_MMAP_THRESHOLD, int(threshold))
-            _mallopt = (mallopt, getattr(libc, "malloc_trim", None), int(threshold))
-    except OSError:  # not glibc: leave the allocator alone
-        pass
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)  # not glibc: leave the allocator alone
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, int(threshold))
+        _mallopt = (mallopt, getattr(libc, "malloc_trim", None), int(threshold))
 
 
 @contextlib.contextmanager
@@ -374,7 +372,8 @@ def release_pages(t: Tensor) -> int:
     return end - start
 
 
-def _libc():
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
