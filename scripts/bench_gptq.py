@@ -383,16 +383,16 @@ def ratios(results: dict[str, dict]) -> list[str]:
             peer = results.get(peer_job, {})
             if "eval" not in peer:
                 continue
-            cpu = ""
+            extra = ""
             if ours.get("quantize_cpu_seconds") and peer.get("quantize_cpu_seconds"):
-                cpu = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
+                extra = f"; CPU time ours/peer {ours['quantize_cpu_seconds'] / peer['quantize_cpu_seconds']:.3f}"
             if ours.get("peak_gpu_quantize") and peer.get("peak_gpu_quantize"):
-                cpu += f"; peak GPU memory ours/peer {ours['peak_gpu_quantize'] / peer['peak_gpu_quantize']:.3f}"
+                extra += f"; peak GPU memory ours/peer {ours['peak_gpu_quantize'] / peer['peak_gpu_quantize']:.3f}"
             ppl_ratio = ours["eval"]["perplexity"] / peer["eval"]["perplexity"]
             out.append(
                 f"- {kind} vs {peer_job}: perplexity ours/peer {ppl_ratio:.4f}; "
                 f"wall time ours/peer {ours['quantize_seconds'] / peer['quantize_seconds']:.3f}; "
-                f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}{cpu}"
+                f"peak RSS ours/peer {ours['peak_rss_quantize'] / peer['peak_rss_quantize']:.3f}{extra}"
             )
         rtn = results.get(f"rtn-{base}", {})
         if "eval" in rtn and float_ppl:

@@ -20,19 +20,9 @@ from compress.quant.gptq import GPTQStage
 from compress.quant.int4 import QuantArgs
 from compress.quant.rtn import RTNStage
 from tests.conftest import make_tiny_model
+from tests.test_gptq import _calibration, _logit_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _windows(n: int = 8, length: int = 48) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    base = torch.randint(0, 40, (n, length), generator=g)
-    return torch.where(torch.rand(n, length, generator=g) < 0.2, torch.randint(0, 256, (n, length), generator=g), base)
-
-
-def _logit_error(model, reference, windows) -> float:
-    with torch.no_grad():
-        return ((model(input_ids=windows).logits - reference) ** 2).mean().item()
 
 
 @pytest.mark.parametrize("options", [
@@ -43,7 +33,7 @@ def _logit_error(model, reference, windows) -> float:
 def test_gptq_stage_on_cuda_matches_cpu(options):
     options = dict(options)
     args = QuantArgs(4, 32, options.pop("symmetric", True))
-    windows = _windows()
+    windows = _calibration(n=8)
     base = make_tiny_model(layers=2)
     with torch.no_grad():
         reference = base(input_ids=windows).logits
@@ -69,7 +59,7 @@ def test_gptq_stage_on_cuda_matches_cpu(options):
     assert gpu_error < _logit_error(rtn_model, reference, windows)
 
 def test_awq_scaling_on_cuda_preserves_function_and_matches_cpu():
-    windows = _windows()
+    windows = _calibration(n=8)
     base = make_tiny_model("llama", heads=4, kv_heads=2)
     with torch.no_grad():
         before = base(input_ids=windows).logits
@@ -120,7 +110,7 @@ def test_offloaded_activations_change_nothing_but_device_memory(chain):
     """On a GPU the engine keeps the calibration activations in CPU memory by default and the GPTQ
     walk brings each batch over as it needs it: the same records as keeping them on the GPU, with
     less GPU memory. A stage that cannot read offloaded inputs (AWQ) gets them on the device."""
-    windows = _windows(n=64, length=128)
+    windows = _calibration(n=64, length=128)
     base = make_tiny_model(layers=2, hidden=128, intermediate=512, heads=4, kv_heads=2)
     args = QuantArgs(4, 32, True)
     runs = {}
