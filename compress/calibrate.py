@@ -61,6 +61,26 @@ def _to(obj, device):
     return obj
 
 
+def to_storage(t: Tensor, store: torch.device | str) -> Tensor:
+    """``t`` on ``store``. From a GPU to CPU memory (offloaded activations) the copy goes into
+    page-locked memory without waiting: the GPU's stream orders it before any later copy back,
+    and CPU code that reads the values must synchronize first (the engine does, once a layer)."""
+    store = torch.device(store)
+    if t.device == store:
+        return t
+    if t.is_cuda and store.type == "cpu":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(store, non_blocking=True)  # asynchronous when ``t`` is page-locked
+
+
+def empty_in_storage(like: Tensor, shape: tuple, store: torch.device) -> Tensor:
+    """An empty tensor of ``like``'s dtype on ``store``, page-locked when that is CPU memory and
+    ``like`` is on a GPU (see :func:`to_storage`)."""
+    pin = like.is_cuda and store.type == "cpu"
+    return torch.empty(shape, dtype=like.dtype, device=store, pin_memory=pin)
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -89,7 +109,7 @@ def capture_layer_inputs(
             self.attention_type = getattr(wrapped, "attention_type", "full_attention")
 
         def forward(self, hidden_states, *args, **kw):
-            hidden.append(hidden_states if store is None else hidden_states.to(store))
+            hidden.append(hidden_states if store is None else to_storage(hidden_states, store))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache", "use_cache")}
             kwargs.append(kw)
             raise _StopForward
@@ -156,7 +176,7 @@ class LayerContext:
         hidden = self.inputs.hidden
         for b, h in enumerate(hidden):
             if h is not None and h.device != self.device:
-                hidden[b] = h.to(self.device)
+                hidden[b] = h.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def forward(self, hooks: dict[str, Callable] | None = None, keep_outputs: bool = True) -> list[Tensor]:
@@ -164,7 +184,7 @@ class LayerContext:
         outputs = []
         with self.hooked(hooks or {}):
             for h, kw in zip(self.inputs.hidden, self.inputs.kwargs, strict=True):
-                out = _first(self.layer(h.to(self.device), **kw))
+                out = _first(self.layer(h.to(self.device, non_blocking=True), **kw))
                 if keep_outputs:
                     outputs.append(out)
         return outputs
@@ -287,7 +307,7 @@ def run_layerwise(
     if inputs is None:
         inputs = capture_layer_inputs(model, arch, windows, batch_size, device, store)
     else:
-        inputs = LayerInputs([h.to(store) for h in inputs.hidden], inputs.kwargs)
+        inputs = LayerInputs([to_storage(h, store) for h in inputs.hidden], inputs.kwargs)
     bar = tqdm(range(start_layer, len(layers)), desc="layers", disable=not progress, unit="layer")
     parked: Parked = []
     try:
@@ -310,8 +330,10 @@ def run_layerwise(
                 stage.apply_layer(ctx)
             # The compressed layer's outputs feed the next layer.
             outputs = ctx.outputs if ctx.outputs is not None else ctx.forward()
-            inputs = LayerInputs([h.to(store) for h in outputs], kwargs)
+            inputs = LayerInputs([to_storage(h, store) for h in outputs], kwargs)
             del outputs
+            if device.type == "cuda":  # offloaded copies land before anything on the CPU reads them
+                torch.cuda.synchronize(device)
             ctx.inputs.hidden.clear()
             ctx.outputs = None
             layers[i].to(home)

@@ -79,6 +79,23 @@ JOBS = {
         "offloaded to CPU memory (a GPU run)"
         for kind in ("sym", "asym")
     },
+    **{
+        f"ours-{kind}{ft}{off}-chunk{n}": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential"
+        + (", float target strength 0.25" if ft else "")
+        + (", activations offloaded to CPU memory" if off else "")
+        + f", the walk {n} windows at a time (a GPU run)"
+        for kind in ("sym", "asym")
+        for ft in ("", "-ft0.25")
+        for off in ("", "-offload")
+        for n in (2, 4, 8)
+    },
+    **{
+        f"ours-{kind}-ft0.25-offload": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, float target "
+        "strength 0.25, activations offloaded to CPU memory (a GPU run)"
+        for kind in ("sym", "asym")
+    },
+    "ours-sym-eager": "our GPTQ w4 g{g} sym, act-order static, true-sequential, the sweep not replayed from CUDA "
+    "graphs (a GPU run)",
     "ours-sym-damp0.001": "our GPTQ w4 g{g} sym, act-order static, dampening 0.001",
     "ours-asym-damp0.001": "our GPTQ w4 g{g} asym, act-order static, dampening 0.001",
     "ours-sym-damp0.1": "our GPTQ w4 g{g} sym, act-order static, dampening 0.1",
@@ -152,6 +169,10 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
             from compress.quant.gptq import GPTQStage
 
             stage = GPTQStage(args, ["lm_head"], **ours_options(job))
+            chunk = [p[len("chunk") :] for p in job.split("-") if p.startswith("chunk")]
+            if chunk:
+                stage.window_chunk = int(chunk[0])
+            stage.cuda_graphs = "eager" not in job.split("-")
             windows = calib
         run_layerwise(model, loaded.arch, windows, [stage], device, batch_size, progress=False,
                       offload_activations="-offload" in job)

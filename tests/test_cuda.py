@@ -136,3 +136,25 @@ def test_offloaded_activations_change_nothing_but_device_memory(chain):
         assert torch.equal(a, b)
     if chain == "gptq":
         assert offloaded_peak < kept_peak / 2, (offloaded_peak, kept_peak)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_sweep_replayed_from_cuda_graphs_equals_eager(symmetric):
+    """The sweep's blocks replayed from CUDA graphs (one capture per block shape, reused over
+    weights) give the eager GPU sweep's codes bit for bit, and the CPU's to rounding."""
+    from compress.quant.gptq import SweepGraphs, hessian_from_inputs, run_gptq
+    from tests.test_gptq import correlated_problem, output_error
+
+    graphs = SweepGraphs()
+    for columns, group_size in ((576, 64), (1536, 64), (200, 32)):
+        w, x = correlated_problem(out_features=96, in_features=columns, tokens=2048, seed=columns)
+        h = hessian_from_inputs(x)
+        args = QuantArgs(4, group_size, symmetric)
+        eager = run_gptq(w.cuda(), h.cuda(), args, cuda_graphs=False).qweight
+        replayed = run_gptq(w.cuda(), h.cuda(), args, cuda_graphs=graphs).qweight
+        assert not graphs.failed and all(graph is not None for graph, _ in graphs._entries.values())
+        for field_ in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(eager, field_), getattr(replayed, field_)), (columns, field_)
+        on_cpu = run_gptq(w, h, args).qweight
+        gpu_error = output_error(x, w, replayed.dequantize().cpu())
+        assert gpu_error == pytest.approx(output_error(x, w, on_cpu.dequantize()), rel=0.05)

@@ -17,6 +17,7 @@ from compress.quant.gptq import (
     GPTQError,
     GPTQStage,
     MSEGrid,
+    SweepGraphs,
     act_order_permutation,
     gptq_quantize,
     group_qparams,
@@ -467,6 +468,27 @@ def test_overwrite_hessian_gives_the_same_result_and_plain_runs_leave_it_alone()
         spent = h.clone()
         over = run_gptq(w, spent, QuantArgs(4, 32, False), act_order=act_order, overwrite_hessian=True)
         assert torch.equal(plain.qweight.codes, over.qweight.codes) and plain.loss == over.loss
+
+
+@pytest.mark.parametrize("act_order", ["static", "none"])
+def test_sweep_on_graph_buffers_equals_the_eager_sweep(act_order):
+    """The path a GPU replays from CUDA graphs (blocks copied into fixed buffers, per-column
+    parameters gathered, 0-dim divisors), run uncaptured on the CPU: bit-identical, with one
+    SweepGraphs reused over runs and over block shapes (a ragged last block included)."""
+    graphs = SweepGraphs()
+    for columns, group_size in ((160, 32), (200, 64), (96, -1)):
+        w, x = correlated_problem(out_features=40, in_features=columns, seed=columns)
+        h = hessian_from_inputs(x)
+        args = QuantArgs(4, group_size, True)
+        eager = run_gptq(w, h, args, act_order=act_order, block_size=64, cuda_graphs=False)
+        buffered = run_gptq(w, h, args, act_order=act_order, block_size=64, cuda_graphs=graphs)
+        for field_ in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(eager.qweight, field_), getattr(buffered.qweight, field_))
+        assert eager.loss == buffered.loss
+    # Only fixed group parameters (static act-order, or one group per row) take the buffered path;
+    # one set of buffers per block shape (blocks of 64 rows, ragged last blocks of 32 and 8).
+    rows = {key[0][0] for key in graphs._entries}
+    assert rows == ({64, 32, 8} if act_order == "static" else {64, 32}) and not graphs.failed
 
 
 def test_dampening_is_the_fraction_of_the_mean_diagonal_exactly():

@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from compress.calibrate import LayerContext, transients_on_heap
+from compress.calibrate import LayerContext, empty_in_storage, to_storage, transients_on_heap
 from compress.quant import int4
 from compress.quant.common import QuantizingStage
 from compress.quant.int4 import QuantArgs, QuantizedWeight, check_args, compute_qparams, fake_quantize_rows
@@ -264,11 +264,16 @@ def run_gptq(
     act_order: ActOrder = "static",
     mse: MSEGrid | bool | None = None,
     overwrite_hessian: bool = False,
+    cuda_graphs: SweepGraphs | bool = True,
 ) -> GPTQResult:
     """:func:`gptq_quantize` with what happened on the way (dampening, dead columns, loss).
 
     ``overwrite_hessian``: work in the caller's (float32) Hessian buffer instead of a copy,
-    leaving it permuted and damped: one n x n buffer less for a caller that is done with it."""
+    leaving it permuted and damped: one n x n buffer less for a caller that is done with it.
+    ``cuda_graphs``: on a GPU, replay the sweep's blocks from CUDA graphs when the group
+    parameters are fixed beforehand (act-order 'static', or one group per row): True captures
+    them for this call, a :class:`SweepGraphs` reuses its captures across calls, False sweeps
+    eagerly. The result is the same."""
     check_args(args)
     if act_order not in ACT_ORDERS:
         raise GPTQError(f"act_order must be one of {', '.join(ACT_ORDERS)}, got '{act_order}'")
@@ -280,8 +285,11 @@ def run_gptq(
         mse = MSEGrid()
     elif mse is False:
         mse = None
+    if cuda_graphs is True:
+        cuda_graphs = SweepGraphs() if weight.is_cuda else None
+    graphs = cuda_graphs or None
     with _one_thread_on_cpu(weight.device):
-        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse, overwrite_hessian)
+        return _run_gptq(weight, hessian, args, damp_percent, block_size, act_order, mse, overwrite_hessian, graphs)
 
 
 def _run_gptq(
@@ -293,6 +301,7 @@ def _run_gptq(
     act_order: ActOrder,
     mse: MSEGrid | None,
     overwrite_hessian: bool = False,
+    graphs: SweepGraphs | None = None,
 ) -> GPTQResult:
     h, w, dead = prepare_hessian(hessian, weight, overwrite_hessian)
     out_features, columns = w.shape
@@ -335,7 +344,9 @@ def _run_gptq(
 
     codes = torch.empty(out_features, columns, dtype=torch.float32, device=w.device)
     losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
-    _blocked_updates(w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size)
+    _blocked_updates(
+        w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size, graphs
+    )
 
     g_idx = None
     if perm is not None:
@@ -377,11 +388,13 @@ def _blocked_updates(
     args: QuantArgs,
     mse: MSEGrid | None,
     block_size: int,
+    graphs: SweepGraphs | None = None,
 ) -> None:
     """The GPTQ sweep over the (permuted) columns of ``w``; fills codes and losses.
 
     With ``fixed_params`` False, a group's scale and zero are computed when its first
-    column is reached, from the weights as updated so far.
+    column is reached, from the weights as updated so far. With them fixed and ``graphs``
+    given, each block's column loop runs on its buffers (on a GPU: replayed from a CUDA graph).
 
     Works on Wᵀ: column j of W is then the contiguous row j, so each step's reads, writes
     and the rank-1 update of the block's remaining columns run on contiguous memory (about
@@ -397,35 +410,174 @@ def _blocked_updates(
     zeros_t = zeros.T.float().contiguous()
     dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     code_rows, scale_rows, zero_rows = codes_t.unbind(0), scales_t.unbind(0), zeros_t.unbind(0)
+    # One copy to the device for the whole weight (a copy from Python waits for the GPU).
+    group_index = torch.tensor(group_of, device=w.device) if graphs is not None and fixed_params else None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        w1 = wt[i1:i2]  # a view: the in-block updates land in wt
-        err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        diag = torch.diag(hinv1).tolist()
-        # Row views made once per block: indexing a tensor costs more than the small ops here.
-        w_rows, err_rows, h_rows = w1.unbind(0), err1.unbind(0), hinv1.unbind(0)
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = group_of[j]
-            if not fixed_params and j % width == 0:
-                current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
-                s, z = group_qparams(current.T, args, mse)
-                scales_t[g], zeros_t[g] = s, z.float()  # in place: the row views see it
-            s, z = scale_rows[g], zero_rows[g]
-            col = w_rows[i]
-            # The arithmetic of int4.quantize_codes / dequantize_codes, in place.
-            c = torch.div(col.float(), s, out=code_rows[j]).round_().add_(z).clamp_(0, maxq)
-            q = torch.sub(c, z, out=dequantized).mul_(s)
-            err = torch.sub(col, q, out=err_rows[i]).div_(diag[i])
-            # Rank-1 update of the rest of the block (column i itself is done).
-            if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
+        if group_index is not None:
+            err1 = graphs.sweep(wt[i1:i2], hinv1, scales_t, zeros_t, group_index[i1:i2], codes_t[i1:i2], maxq)
+        elif fixed_params:
+            err1 = torch.empty_like(wt[i1:i2])
+            _sweep_block(
+                wt[i1:i2],  # a view: the in-block updates land in wt
+                hinv1,
+                _divisors(hinv1),
+                [scale_rows[g] for g in group_of[i1:i2]],
+                [zero_rows[g] for g in group_of[i1:i2]],
+                code_rows[i1:i2],
+                err1.unbind(0),
+                dequantized,
+                maxq,
+            )
+        else:
+            err1 = _sweep_block_finding_groups(
+                wt, hinv, i1, i2, code_rows, scales_t, zeros_t, dequantized, width, args, mse, maxq
+            )
         losses += (err1 * err1).sum(dim=0).float() / 2
         wt[i2:] -= hinv[i1:i2, i2:].T @ err1
     codes.copy_(codes_t.T)
     scales.copy_(scales_t.T)
     zeros.copy_(zeros_t.T.to(torch.int32))
+
+
+def _divisors(hinv1: Tensor) -> list:
+    """The block's diagonal of U, one divisor per column: Python floats on the CPU (the fastest
+    there); 0-dim tensors on a GPU, where dividing by a Python float multiplies by its
+    reciprocal instead (one bit apart), so that eager and graph-replayed sweeps agree."""
+    diag = torch.diag(hinv1)
+    return diag.tolist() if diag.device.type == "cpu" else list(diag.unbind(0))
+
+
+def _quantize_column(col: Tensor, scale: Tensor, zero: Tensor, divisor, maxq: int, code_out: Tensor,
+                     dequantized: Tensor, err_out: Tensor) -> Tensor:
+    """Codes of one column into ``code_out``; returns its scaled error (w − ŵ) / U_jj in ``err_out``.
+    The arithmetic of int4.quantize_codes / dequantize_codes, in place."""
+    c = torch.div(col.float(), scale, out=code_out).round_().add_(zero).clamp_(0, maxq)
+    q = torch.sub(c, zero, out=dequantized).mul_(scale)
+    return torch.sub(col, q, out=err_out).div_(divisor)
+
+
+def _sweep_block(w1: Tensor, hinv1: Tensor, divisors, scale_rows, zero_rows, code_rows, err_rows,
+                 dequantized: Tensor, maxq: int) -> None:
+    """The column loop of one block whose group parameters are known (one row per column):
+    quantize column i, then push its error into the block's later columns (a rank-1 update).
+    Allocates nothing, so it can be captured in a CUDA graph (:class:`SweepGraphs`)."""
+    n = w1.shape[0]
+    # Row views made once per block: indexing a tensor costs more than the small ops here.
+    w_rows, h_rows = w1.unbind(0), hinv1.unbind(0)
+    for i in range(n):
+        err = _quantize_column(
+            w_rows[i], scale_rows[i], zero_rows[i], divisors[i], maxq, code_rows[i], dequantized, err_rows[i]
+        )
+        if i + 1 < n:
+            w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
+
+
+def _sweep_block_finding_groups(wt: Tensor, hinv: Tensor, i1: int, i2: int, code_rows, scales_t: Tensor,
+                                zeros_t: Tensor, dequantized: Tensor, width: int, args: QuantArgs,
+                                mse: MSEGrid | None, maxq: int) -> Tensor:
+    """The column loop of one block when each group's parameters are computed as its first column
+    is reached, from the weights updated so far (act-order 'none' or 'g_idx'); returns the block's
+    errors."""
+    columns = wt.shape[0]
+    w1 = wt[i1:i2]  # a view: the in-block updates land in wt
+    err1 = torch.zeros_like(w1)
+    hinv1 = hinv[i1:i2, i1:i2]
+    divisors = _divisors(hinv1)
+    w_rows, err_rows, h_rows = w1.unbind(0), err1.unbind(0), hinv1.unbind(0)
+    scale_rows, zero_rows = scales_t.unbind(0), zeros_t.unbind(0)
+    for i in range(i2 - i1):
+        j = i1 + i
+        g = j // width
+        if j % width == 0:
+            current = _current_group(wt, err1, hinv, i1, i2, j, min(j + width, columns))
+            s, z = group_qparams(current.T, args, mse)
+            scales_t[g], zeros_t[g] = s, z.float()  # in place: the row views see it
+        err = _quantize_column(
+            w_rows[i], scale_rows[g], zero_rows[g], divisors[i], maxq, code_rows[j], dequantized, err_rows[i]
+        )
+        if i + 1 < i2 - i1:
+            w1[i + 1 :].addr_(h_rows[i][i + 1 :], err, alpha=-1)
+    return err1
+
+
+class SweepGraphs:
+    """CUDA graphs of :func:`_sweep_block`, one per block shape, replayed for every block of that
+    shape. On a GPU the sweep is thousands of tiny kernels (nine per column), each costing more
+    to launch from Python than to run; a replay launches a block's worth at once. Results are
+    bit-identical to the eager sweep (the same kernels in the same order, on copies of the same
+    numbers). Keep one for a run: a capture costs about as much as the block itself, and its
+    buffers (a block of weights, codes, errors and per-column parameters) stay on the device
+    while it lives. Off a GPU, or if a capture fails (then with a log line), the same buffers
+    are swept eagerly, which is how the tests check this path on the CPU."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple] = {}
+        self.failed = False
+
+    def sweep(
+        self, w1: Tensor, hinv1: Tensor, scales_t: Tensor, zeros_t: Tensor, groups: Tensor, codes_out: Tensor, maxq: int
+    ) -> Tensor:
+        """The sweep of one block: its codes into ``codes_out``; returns the block's errors (a
+        buffer of this object's, valid until its next call). ``w1`` itself is left as it was."""
+        key = (tuple(w1.shape), w1.dtype, w1.device, maxq)
+        if key not in self._entries:
+            self._entries[key] = self._prepare(key)
+        graph, buffers = self._entries[key]
+        w, h, diag, s, z, codes, err, _ = buffers
+        w.copy_(w1)
+        h.copy_(hinv1)
+        diag.copy_(torch.diagonal(hinv1))
+        torch.index_select(scales_t, 0, groups, out=s)
+        torch.index_select(zeros_t, 0, groups, out=z)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._run(buffers, maxq)
+        codes_out.copy_(codes)
+        return err
+
+    @staticmethod
+    def _buffers(key: tuple) -> tuple:
+        (n, out), dtype, device, _ = key
+        w = torch.zeros(n, out, dtype=dtype, device=device)
+        h = torch.zeros(n, n, dtype=dtype, device=device)
+        diag = torch.ones(n, dtype=dtype, device=device)
+        s = torch.ones(n, out, dtype=torch.float32, device=device)
+        z = torch.zeros(n, out, dtype=torch.float32, device=device)
+        codes = torch.zeros(n, out, dtype=torch.float32, device=device)
+        err = torch.zeros(n, out, dtype=dtype, device=device)
+        dequantized = torch.zeros(out, dtype=torch.float32, device=device)
+        return w, h, diag, s, z, codes, err, dequantized
+
+    @staticmethod
+    def _run(buffers: tuple, maxq: int) -> None:
+        w, h, diag, s, z, codes, err, dequantized = buffers
+        divisors = list(diag.unbind(0))  # 0-dim tensors: see _divisors
+        _sweep_block(w, h, divisors, s.unbind(0), z.unbind(0), codes.unbind(0), err.unbind(0), dequantized, maxq)
+
+    def _prepare(self, key: tuple) -> tuple:
+        """(graph or None, buffers) for blocks of this shape."""
+        buffers = self._buffers(key)
+        device, maxq = key[2], key[3]
+        if device.type != "cuda" or self.failed:
+            return None, buffers
+        try:
+            # Warm up on a side stream first, as torch.cuda.graphs asks.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._run(buffers, maxq)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._run(buffers, maxq)
+        except Exception as e:  # any failure: the eager sweep is always right
+            self.failed = True
+            log.warning("GPTQ: CUDA graph capture failed (%s); sweeping eagerly", e)
+            return None, buffers
+        return graph, buffers
 
 
 def _current_group(wt: Tensor, err1: Tensor, hinv: Tensor, i1: int, i2: int, start: int, end: int) -> Tensor:
@@ -745,7 +897,7 @@ class _LlamaWalk:
         return self._by_window(lambda rows: on(residual[rows]) + down(on(down_input[rows])), down_input, into=residual)
 
     def _on_device(self, t: Tensor) -> Tensor:
-        return t.to(self.device)
+        return t.to(self.device, non_blocking=True)  # asynchronous from page-locked storage
 
     def _by_window(self, make: Callable[[slice], Tensor], batch: Tensor, into: Tensor | None = None) -> Tensor:
         """``make(rows)`` for the whole batch, computed ``window_chunk`` windows (rows of ``batch``)
@@ -759,18 +911,18 @@ class _LlamaWalk:
         rows; the result is written over it when it has the result's shape (no fresh pages)."""
         chunk, windows = self.window_chunk, batch.shape[0]
         if chunk is None or batch.dim() < 3 or windows <= chunk:
-            return make(slice(None)).to(self.storage)
+            return to_storage(make(slice(None)), self.storage)
         part = make(slice(0, chunk))
         fits = into is not None and into.shape[1:] == part.shape[1:] and into.dtype == part.dtype
         if fits and into.device == self.storage:
             out = into
         else:  # made before the heap-only loop: it lives on
-            out = part.new_empty((windows, *part.shape[1:]), device=self.storage)
-        out[:chunk] = part
+            out = empty_in_storage(part, (windows, *part.shape[1:]), self.storage)
+        out[:chunk].copy_(part, non_blocking=True)
         del part
         with transients_on_heap():
             for k in range(chunk, windows, chunk):
-                out[k : k + chunk] = make(slice(k, k + chunk))
+                out[k : k + chunk].copy_(make(slice(k, k + chunk)), non_blocking=True)
         return out
 
 
@@ -854,6 +1006,9 @@ class GPTQStage(QuantizingStage):
         # float_target: the float walk hands down_proj's inputs over batch by batch (see _LlamaWalk).
         self.stream_float_down = True
         self._stepwise_ok: dict[type, bool] = {}
+        # On a GPU, replay the sweep from CUDA graphs (captured once per block shape, reused over the run).
+        self.cuda_graphs = True
+        self._sweep_graphs = SweepGraphs()
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
 
@@ -958,11 +1113,11 @@ class GPTQStage(QuantizingStage):
             # The float walk covers the first len(float_xs) batches (float_target_windows): in step.
             float_batches = iter(float_xs) if float_xs is not None else iter(())
             for x in xs:
-                x = x.to(ctx.device)  # a batch at a time when offloaded
+                x = x.to(ctx.device, non_blocking=True)  # a batch at a time when offloaded
                 acc.add(x)
                 x_float = next(float_batches, None)
                 if x_float is not None:
-                    cross.add(x, x_float.to(ctx.device))
+                    cross.add(x, x_float.to(ctx.device, non_blocking=True))
                 del x, x_float
             self.quantize_linears(ctx.name, targets, acc.hessian(), None if cross is None else cross.value())
         ctx.outputs = walk.outputs
@@ -1034,6 +1189,7 @@ class GPTQStage(QuantizingStage):
             self.act_order,
             self.mse,
             overwrite_hessian=True,
+            cuda_graphs=self._sweep_graphs if self.cuda_graphs else False,
         )
         label = f"{prefix}." + "+".join(short for short, _ in members)
         for note in result.notes:
