@@ -95,11 +95,19 @@ def capture_layer_inputs(
     store: torch.device | str | None = None,
 ) -> LayerInputs:
     """Run the model up to its first decoder layer on every batch of ``windows``; the hidden
-    states are kept on ``store`` (default: ``device``), the other arguments on ``device``."""
+    states are kept on ``store`` (default: ``device``), the other arguments on ``device``.
+
+    The parts before the first layer (embedding, rotary tables) run where the model lives: on a
+    GPU run they would otherwise bring the embedding (a vocabulary's worth of rows, often the
+    largest single weight) onto the device just to look up rows. An argument equal to the first
+    batch's (the rotary tables of same-length windows) is kept once and shared."""
     layers = decoder_layers(model, arch)
     first = layers[0]
     hidden: list[Tensor] = []
     kwargs: list[dict] = []
+    home = _module_device(get_module(model, arch.embed_path))
+    device = torch.device(device)
+    store = device if store is None else torch.device(store)
 
     class Catcher(nn.Module):
         def __init__(self, wrapped: nn.Module):
@@ -109,32 +117,36 @@ def capture_layer_inputs(
             self.attention_type = getattr(wrapped, "attention_type", "full_attention")
 
         def forward(self, hidden_states, *args, **kw):
-            hidden.append(hidden_states if store is None else to_storage(hidden_states, store))
+            if store.type == "cpu" and device.type == "cuda" and not hidden_states.is_cuda:
+                hidden_states = hidden_states.pin_memory()  # as every offloaded activation
+            hidden.append(to_storage(hidden_states, store))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "cache", "use_cache")}
-            kwargs.append(kw)
+            kwargs.append(_to(_shared_with(kw, kwargs[0]) if kwargs else kw, device))
             raise _StopForward
 
-    # Only the parts before the first layer need to be on the device, and only while they run:
-    # they go home afterwards (a tied output layer shares the embedding's weight).
-    pre = [get_module(model, arch.embed_path)]
-    with contextlib.suppress(AttributeError):
-        pre.append(get_module(model, arch.rotary_path))
-    homes = [_module_device(m) for m in pre]
-    for m in pre:
-        m.to(device)
     layers[0] = Catcher(first)
     try:
         for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start : start + batch_size].to(device)
+            batch = windows[start : start + batch_size].to(home)
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
     finally:
         layers[0] = first
-        for m, home in zip(pre, homes):
-            m.to(home)
     return LayerInputs(hidden, kwargs)
+
+
+def _shared_with(obj, first):
+    """``obj`` with every tensor equal to its counterpart in ``first`` replaced by that one."""
+    if isinstance(obj, Tensor):
+        same = isinstance(first, Tensor) and obj.shape == first.shape and obj.dtype == first.dtype
+        return first if same and torch.equal(obj, first.to(obj.device)) else obj
+    if isinstance(obj, (tuple, list)) and isinstance(first, (tuple, list)) and len(obj) == len(first):
+        return type(obj)(_shared_with(o, f) for o, f in zip(obj, first))
+    if isinstance(obj, dict) and isinstance(first, dict):
+        return {k: _shared_with(v, first[k]) if k in first else v for k, v in obj.items()}
+    return obj
 
 
 def _module_device(module: nn.Module) -> torch.device:

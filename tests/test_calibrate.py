@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compress.arch import arch_for
-from compress.calibrate import release_pages, run_layerwise
+from compress.calibrate import capture_layer_inputs, release_pages, run_layerwise
 from tests.conftest import make_tiny_model
 
 
@@ -43,6 +43,21 @@ def test_layerwise_reproduces_hidden_states_and_logits(tiny_windows):
             torch.cat(run_layerwise(model, arch, tiny_windows, [], batch_size=6, progress=False).hidden),
             last,
         )
+
+
+def test_captured_arguments_equal_across_batches_are_kept_once(tiny_windows):
+    """The rotary tables of same-length windows are equal in every batch: one tensor serves them
+    all (a GPU run kept a copy per batch on the device); the hidden states stay per batch."""
+    model = make_tiny_model(layers=1)
+    windows = torch.cat([tiny_windows, tiny_windows])  # 12 windows: batches of 5, 5 and 2
+    inputs = capture_layer_inputs(model, arch_for(model), windows, 5, "cpu")
+    assert [h.shape[0] for h in inputs.hidden] == [5, 5, 2]
+    cos = [kw["position_embeddings"][0] for kw in inputs.kwargs]
+    assert cos[1] is cos[0] and all(torch.equal(c, cos[0]) for c in cos)
+    with torch.no_grad():
+        reference = run_layerwise(model, arch_for(model), windows, [], batch_size=12, progress=False)
+    torch.testing.assert_close(torch.cat(run_layerwise(model, arch_for(model), windows, [], batch_size=5,
+                                                       progress=False).hidden), torch.cat(reference.hidden))
 
 
 def test_stage_rewrite_feeds_next_layer(tiny_windows):

@@ -158,3 +158,22 @@ def test_gptq_sweep_replayed_from_cuda_graphs_equals_eager(symmetric):
         on_cpu = run_gptq(w, h, args).qweight
         gpu_error = output_error(x, w, replayed.dequantize().cpu())
         assert gpu_error == pytest.approx(output_error(x, w, on_cpu.dequantize()), rel=0.05)
+
+
+def test_capture_looks_up_embeddings_at_home_and_offloads_page_locked():
+    """The parts before the first layer run where the model lives (the embedding never comes to
+    the GPU); offloaded hidden states are page-locked; the other arguments are on the GPU."""
+    from compress.calibrate import capture_layer_inputs
+
+    model = make_tiny_model(layers=1, vocab=32768)  # an 8 MiB embedding
+    windows = torch.randint(0, 32768, (8, 64), generator=torch.Generator().manual_seed(0))
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    inputs = capture_layer_inputs(model, arch_for(model), windows, 4, "cuda", store="cpu")
+    assert torch.cuda.max_memory_allocated() - start < 2 << 20
+    assert model.model.embed_tokens.weight.device.type == "cpu"
+    assert all(h.device.type == "cpu" and h.is_pinned() for h in inputs.hidden)
+    assert all(t.device.type == "cuda" for kw in inputs.kwargs for t in kw["position_embeddings"])
+    with torch.no_grad():
+        expected = model.model.embed_tokens(windows)
+    torch.testing.assert_close(torch.cat(inputs.hidden), expected, rtol=0, atol=0)

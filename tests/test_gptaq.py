@@ -94,6 +94,34 @@ def test_float_objective_is_gptq_loss_around_the_target_plus_a_constant():
     assert max(constants) - min(constants) < 1e-9 * max(abs(c) for c in constants)
 
 
+def test_float32_hessian_is_damped_in_place_and_restored_exactly():
+    """In float32 the target is solved in H's own buffer (damped, then restored bit for bit): the
+    same target as from a copy, and H unchanged after, also when a failed factorization raised
+    the dampening on the way."""
+    w, x = correlated_problem(seed=8)
+    xq = drifted(x, 0.3, seed=9)
+    cross = cross_of(xq, x)
+    n = w.shape[1]
+    indefinite = 2 * torch.eye(n) - torch.ones(n, n)  # Cholesky fails until λ > n - 2
+    for h in (hessian_from_inputs(xq), indefinite):
+        kept = h.clone()
+        from_copy = float_target_weight(w.double(), h.double(), cross.double(), 0.01).float()
+        in_place = float_target_weight(w, h, cross, 0.01)
+        assert torch.equal(h, kept)
+        torch.testing.assert_close(in_place, from_copy, rtol=1e-4, atol=1e-6)
+        assert torch.equal(in_place, float_target_weight(w, kept.clone(), cross, 0.01))
+
+
+def test_cross_term_formed_in_a_spare_float_copy_is_the_same():
+    xq = torch.randn(64, 24, generator=torch.Generator().manual_seed(0))
+    x = drifted(xq, 0.4, seed=2)
+    plain, spare = CrossAccumulator(24, torch.device("cpu")), CrossAccumulator(24, torch.device("cpu"))
+    for rows in (slice(0, 40), slice(40, 64)):
+        plain.add(xq[rows], x[rows])
+        spare.add(xq[rows], x[rows].clone(), float_is_spare=True)
+    assert torch.equal(plain.value(), spare.take()) and spare.sum is None
+
+
 def test_no_drift_leaves_the_weight_alone_and_bad_input_is_one_error():
     w, x = correlated_problem(seed=7)
     h = hessian_from_inputs(x)
