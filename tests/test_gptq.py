@@ -476,8 +476,9 @@ def test_sweep_on_graph_buffers_equals_the_eager_sweep(act_order):
     parameters gathered, 0-dim divisors), run uncaptured on the CPU: bit-identical, with one
     SweepGraphs reused over runs and over block shapes (a ragged last block included)."""
     graphs = SweepGraphs()
-    for columns, group_size in ((160, 32), (200, 64), (96, -1)):
-        w, x = correlated_problem(out_features=40, in_features=columns, seed=columns)
+    # The second weight has more rows: the buffers' arena grows and the first one's entries go.
+    for columns, group_size, rows in ((160, 32, 40), (200, 64, 80), (96, -1, 40)):
+        w, x = correlated_problem(out_features=rows, in_features=columns, seed=columns)
         h = hessian_from_inputs(x)
         args = QuantArgs(4, group_size, True)
         eager = run_gptq(w, h, args, act_order=act_order, block_size=64, cuda_graphs=False)
@@ -487,8 +488,10 @@ def test_sweep_on_graph_buffers_equals_the_eager_sweep(act_order):
         assert eager.loss == buffered.loss
     # Only fixed group parameters (static act-order, or one group per row) take the buffered path;
     # one set of buffers per block shape (blocks of 64 rows, ragged last blocks of 32 and 8).
-    rows = {key[0][0] for key in graphs._entries}
-    assert rows == ({64, 32, 8} if act_order == "static" else {64, 32}) and not graphs.failed
+    block_rows = {key[0][0] for key in graphs._entries}
+    assert block_rows == ({64, 32, 8} if act_order == "static" else {64, 32}) and not graphs.failed
+    largest = 64 * 80 if act_order == "static" else 64 * 40
+    assert graphs._arenas["params"].numel() == 3 * largest + largest // 64
 
 
 def test_dampening_is_the_fraction_of_the_mean_diagonal_exactly():
