@@ -149,9 +149,12 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     symmetric = "-asym" not in job
     info: dict = {"job": job, "threads": torch.get_num_threads(), "device": device}
     cuda = device.startswith("cuda")
+    snapshot = os.environ.get("BENCH_GPU_MEMORY_SNAPSHOT") if device.startswith("cuda") else None
     if cuda:
         info["gpu"] = torch.cuda.get_device_name(device)
         torch.cuda.reset_peak_memory_stats(device)
+        if snapshot:  # every allocation of the quantization, with its Python stack (scripts/gpu_memory_peak.py)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
 
     t = time.perf_counter()
     cpu = time.process_time()
@@ -184,6 +187,10 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     if cuda:
         torch.cuda.synchronize(device)
         info["peak_gpu_quantize"] = torch.cuda.max_memory_allocated(device)
+        if snapshot:
+            torch.cuda.memory._dump_snapshot(snapshot)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            info["gpu_memory_snapshot"] = snapshot
     info["quantize_seconds"] = time.perf_counter() - t if job != "float" else 0.0
     # CPU time (all threads): fairer than wall time when the cores are shared with other jobs.
     info["quantize_cpu_seconds"] = time.process_time() - cpu if job != "float" else 0.0
@@ -326,7 +333,12 @@ def run_job(job: str, windows: Path, opts) -> dict:
         # In the results folder: GPTQModel writes a logs/ folder wherever it runs.
         return run_worker(__file__, job, windows, args, opts.threads, opts.timeout, opts.gptqmodel_python, env,
                           cwd=folder)
-    return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout)
+    env = None
+    if opts.gpu_memory_snapshots:
+        folder = Path(opts.gpu_memory_snapshots).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        env = {"BENCH_GPU_MEMORY_SNAPSHOT": str(folder / f"{job}.memory.pickle")}
+    return run_worker(__file__, job, windows, args, opts.threads, timeout=opts.timeout, env=env)
 
 
 def float_model_dir(folder: Path) -> Path:
@@ -444,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default=default_jobs, help="comma-separated subset of " + ", ".join(JOBS))
     p.add_argument("--output", default=str(ROOT / "eval/results/gptq-vs-peers.md"))
     p.add_argument("--keep-dir", help="keep per-method results here and reuse those already present")
+    p.add_argument("--gpu-memory-snapshots", metavar="DIR", help="with --device cuda: record every GPU allocation "
+                   "of each job's quantization into DIR/JOB.memory.pickle (torch's memory snapshot; "
+                   "scripts/gpu_memory_peak.py says what was live at the peak)")
     peers_gptqmodel = ROOT / ".venv-peers/gptqmodel/bin/python"  # scripts/setup_peers.sh
     default_gptqmodel = str(peers_gptqmodel) if peers_gptqmodel.exists() else None
     p.add_argument("--gptqmodel-python", default=os.environ.get("GPTQMODEL_PYTHON") or default_gptqmodel,
