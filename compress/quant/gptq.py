@@ -332,14 +332,16 @@ def _run_gptq(
             scales[:, g], zeros[:, g] = s, z
 
     perm = act_order_permutation(h) if act_order != "none" else None
+    # The sweep works on Wᵀ in processing order (see _blocked_updates), made in one copy; W is done.
+    wt = (w.T if perm is None else w.T.index_select(0, perm)).contiguous()
+    del w
     if perm is not None:
-        w = w[:, perm]
         rows = h.index_select(0, perm)
         torch.index_select(rows, 1, perm, out=h)  # into H's own buffer: two n x n live, not three
         del rows
     # group_of[j]: group of the j-th processed column.
     if fixed_params:
-        original = perm if perm is not None else torch.arange(columns, device=w.device)
+        original = perm if perm is not None else torch.arange(columns, device=wt.device)
         group_of = (original // width).tolist()
     else:
         group_of = [j // width for j in range(columns)]
@@ -354,20 +356,20 @@ def _run_gptq(
     if dead.any():
         notes.append(f"{int(dead.sum())} dead input column(s) (never active in calibration): weights set to 0")
 
-    codes = torch.empty(out_features, columns, dtype=torch.float32, device=w.device)
-    losses = torch.zeros(out_features, dtype=torch.float32, device=w.device)
-    _blocked_updates(
-        w, hinv, codes, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size, graphs
-    )
+    losses = torch.zeros(out_features, dtype=torch.float32, device=wt.device)
+    codes_t = _blocked_updates(
+        wt, hinv, losses, scales, zeros, group_of, fixed_params, width, args, mse, block_size, graphs
+    ).to(torch.uint8)  # whole numbers 0..maxq: exact, and a quarter of the float32 buffer from here on
 
     g_idx = None
     if perm is not None:
         inverse = torch.argsort(perm)
-        codes = codes[:, inverse]
+        codes_t = codes_t.index_select(0, inverse)
         if not fixed_params:
             # Column perm[j] was quantized j-th, in group j // width of the processing order.
             g_idx = (inverse // width).to(torch.int32)
-    qweight = QuantizedWeight(codes.to(torch.uint8), scales, zeros, args.bits, args.group_size, args.symmetric, g_idx)
+    codes = codes_t.T.contiguous()
+    qweight = QuantizedWeight(codes, scales, zeros, args.bits, args.group_size, args.symmetric, g_idx)
     return GPTQResult(qweight, damp, fraction, retries > 0, int(dead.sum()), float(losses.sum()), notes)
 
 
@@ -388,9 +390,8 @@ def _one_thread_on_cpu(device: torch.device) -> Iterator[None]:
 
 
 def _blocked_updates(
-    w: Tensor,
+    wt: Tensor,
     hinv: Tensor,
-    codes: Tensor,
     losses: Tensor,
     scales: Tensor,
     zeros: Tensor,
@@ -401,8 +402,9 @@ def _blocked_updates(
     mse: MSEGrid | None,
     block_size: int,
     graphs: SweepGraphs | None = None,
-) -> None:
-    """The GPTQ sweep over the (permuted) columns of ``w``; fills codes and losses.
+) -> Tensor:
+    """The GPTQ sweep over the rows of ``wt`` (Wᵀ, columns of W in processing order; updated in
+    place); fills losses, scales and zeros and returns the codes, transposed as ``wt``.
 
     With ``fixed_params`` False, a group's scale and zero are computed when its first
     column is reached, from the weights as updated so far. With them fixed and ``graphs``
@@ -413,17 +415,16 @@ def _blocked_updates(
     3x faster than on strided columns), and each column's codes and error are written in
     place instead of copied.
     """
-    columns = w.shape[1]
+    columns, out_features = wt.shape
     maxq = args.maxq
-    wt = w.T.contiguous()
-    codes_t = torch.empty(columns, w.shape[0], dtype=torch.float32, device=w.device)
+    codes_t = torch.empty(columns, out_features, dtype=torch.float32, device=wt.device)
     # Per-group parameters as contiguous rows, looked up once per column.
     scales_t = scales.T.contiguous()
     zeros_t = zeros.T.float().contiguous()
-    dequantized = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    dequantized = torch.empty(out_features, dtype=torch.float32, device=wt.device)
     code_rows, scale_rows, zero_rows = codes_t.unbind(0), scales_t.unbind(0), zeros_t.unbind(0)
     # One copy to the device for the whole weight (a copy from Python waits for the GPU).
-    group_index = torch.tensor(group_of, device=w.device) if graphs is not None and fixed_params else None
+    group_index = torch.tensor(group_of, device=wt.device) if graphs is not None and fixed_params else None
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         hinv1 = hinv[i1:i2, i1:i2]
@@ -448,9 +449,9 @@ def _blocked_updates(
             )
         losses += (err1 * err1).sum(dim=0).float() / 2
         wt[i2:] -= hinv[i1:i2, i2:].T @ err1
-    codes.copy_(codes_t.T)
     scales.copy_(scales_t.T)
     zeros.copy_(zeros_t.T.to(torch.int32))
+    return codes_t
 
 
 def _divisors(hinv1: Tensor) -> list:
