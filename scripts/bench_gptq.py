@@ -154,7 +154,7 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
         info["gpu"] = torch.cuda.get_device_name(device)
         torch.cuda.reset_peak_memory_stats(device)
         if snapshot:  # every allocation of the quantization, with its Python stack (scripts/gpu_memory_peak.py)
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
     t = time.perf_counter()
     cpu = time.process_time()

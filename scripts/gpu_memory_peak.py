@@ -52,7 +52,8 @@ def live_at_peak(events: list[dict]) -> tuple[int, int, list[dict]]:
 def where(frames: list[dict]) -> str:
     """The innermost frame outside torch (who asked), with the innermost frame of the project's
     own code when that is further out."""
-    outside = [f for f in frames if not any(part in f.get("filename", "") for part in _LIBRARY_PARTS)]
+    python = [f for f in frames if f.get("filename", "").endswith(".py")]  # C++ frames, if recorded, are torch's
+    outside = [f for f in python if not any(part in f["filename"] for part in _LIBRARY_PARTS)]
     if not outside:
         return "(torch internals)"
     first = outside[0]

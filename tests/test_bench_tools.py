@@ -26,7 +26,8 @@ def _frame(filename: str, line: int, name: str) -> dict:
 def test_live_at_peak_replays_allocations_and_frees():
     peak_tool = _script("gpu_memory_peak")
     ours = [_frame("/x/torch/nn/functional.py", 1, "linear"), _frame("/r/compress/quant/gptq.py", 900, "walk")]
-    theirs = [_frame("/x/torch/cuda/memory.py", 5, "x"), _frame("/site/transformers/llama.py", 7, "forward"),
+    theirs = [_frame("??", 0, "c10::cuda::CUDACachingAllocator::malloc"), _frame("/x/torch/cuda/memory.py", 5, "x"),
+              _frame("/site/transformers/llama.py", 7, "forward"),
               _frame("/r/compress/quant/gptq.py", 1200, "apply")]
     events = [
         {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
