@@ -69,8 +69,7 @@ def to_storage(t: Tensor, store: torch.device | str) -> Tensor:
     if t.device == store:
         return t
     if t.is_cuda and store.type == "cpu":
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t, non_blocking=True)
+        return empty_in_storage(t, t.shape, store).copy_(t, non_blocking=True)
     return t.to(store, non_blocking=True)  # asynchronous when ``t`` is page-locked
 
 

@@ -74,25 +74,19 @@ JOBS = {
         for kind in ("sym", "asym")
         for n in (16, 32, 64)
     },
+    # GPU variants: activations offloaded ("-offload"), the walk's window chunk ("-chunkN").
     **{
-        f"ours-{kind}-offload": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, activations "
-        "offloaded to CPU memory (a GPU run)"
-        for kind in ("sym", "asym")
-    },
-    **{
-        f"ours-{kind}{ft}{off}-chunk{n}": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential"
+        f"ours-{kind}{ft}{off}" + (f"-chunk{n}" if n else ""): f"our GPTQ w4 g{{g}} {kind}, act-order static, "
+        "true-sequential"
         + (", float target strength 0.25" if ft else "")
         + (", activations offloaded to CPU memory" if off else "")
-        + f", the walk {n} windows at a time (a GPU run)"
+        + (f", the walk {n} windows at a time" if n else "")
+        + " (a GPU run)"
         for kind in ("sym", "asym")
         for ft in ("", "-ft0.25")
         for off in ("", "-offload")
-        for n in (2, 4, 8)
-    },
-    **{
-        f"ours-{kind}-ft0.25-offload": f"our GPTQ w4 g{{g}} {kind}, act-order static, true-sequential, float target "
-        "strength 0.25, activations offloaded to CPU memory (a GPU run)"
-        for kind in ("sym", "asym")
+        for n in (None, 2, 4, 8)
+        if off or n
     },
     "ours-sym-eager": "our GPTQ w4 g{g} sym, act-order static, true-sequential, the sweep not replayed from CUDA "
     "graphs (a GPU run)",
@@ -149,7 +143,7 @@ def worker(job: str, windows_path: str, group: int, batch_size: int, threads: in
     symmetric = "-asym" not in job
     info: dict = {"job": job, "threads": torch.get_num_threads(), "device": device}
     cuda = device.startswith("cuda")
-    snapshot = os.environ.get("BENCH_GPU_MEMORY_SNAPSHOT") if device.startswith("cuda") else None
+    snapshot = os.environ.get("BENCH_GPU_MEMORY_SNAPSHOT") if cuda else None
     if cuda:
         info["gpu"] = torch.cuda.get_device_name(device)
         torch.cuda.reset_peak_memory_stats(device)

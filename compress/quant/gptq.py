@@ -964,20 +964,20 @@ class _LlamaWalk:
 
         ``into``: a tensor of the batch's that is no longer needed except by ``make`` for the same
         rows; the result is written over it when it has the result's shape (no fresh pages)."""
-        chunk, windows = self.window_chunk, batch.shape[0]
-        if chunk is None or batch.dim() < 3 or windows <= chunk:
-            return to_storage(make(slice(None)), self.storage)
-        part = make(slice(0, chunk))
+        first, *rest = _row_chunks(batch, self.window_chunk)
+        if not rest:
+            return to_storage(make(first), self.storage)
+        part = make(first)
         fits = into is not None and into.shape[1:] == part.shape[1:] and into.dtype == part.dtype
         if fits and into.device == self.storage:
             out = into
         else:  # made before the heap-only loop: it lives on
-            out = empty_in_storage(part, (windows, *part.shape[1:]), self.storage)
-        out[:chunk].copy_(part, non_blocking=True)
+            out = empty_in_storage(part, (batch.shape[0], *part.shape[1:]), self.storage)
+        out[first].copy_(part, non_blocking=True)
         del part
         with transients_on_heap():
-            for k in range(chunk, windows, chunk):
-                out[k : k + chunk].copy_(make(slice(k, k + chunk)), non_blocking=True)
+            for rows in rest:
+                out[rows].copy_(make(rows), non_blocking=True)
         return out
 
 
