@@ -524,7 +524,7 @@ class SweepGraphs:
     capture costs about as much as the block itself. Every shape's buffers (a block of weights,
     codes, errors and per-column parameters) are views of one arena sized for the largest, since
     only one block is swept at a time: 8 MB on the embedded model instead of 18 for its six
-    shapes. Off a GPU, or if a capture fails (then with a log line), the same buffers are swept
+    shapes (by their sizes). Off a GPU, or if a capture fails (then with a log line), the same buffers are swept
     eagerly, which is how the tests check this path on the CPU."""
 
     def __init__(self) -> None:
