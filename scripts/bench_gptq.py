@@ -103,6 +103,9 @@ JOBS = {
     "peer-sym-mse": "llm-compressor GPTQModifier w4 g{g} sym (actorder static), MSE weight observer, same grid",
     "peer-asym-mse": "llm-compressor GPTQModifier w4 g{g} asym (actorder static), MSE weight observer, same grid",
 }
+# Any of our jobs with its calibration forward's products in bfloat16 ("-bf16": GPTQStage's compute_dtype).
+JOBS.update({f"{job}-bf16": f"{what}, forward in bfloat16" for job, what in list(JOBS.items())
+             if job.startswith("ours-")})
 
 
 def ours_options(job: str) -> dict:
@@ -112,11 +115,12 @@ def ours_options(job: str) -> dict:
     damp = [float(p[len("damp") :]) for p in parts if p.startswith("damp")]
     return {
         "act_order": "none" if "noact" in parts else "g_idx" if "gidx" in parts else "static",
-        "true_sequential": not job.endswith("seq-off"),
+        "true_sequential": "seq-off" not in job,
         "mse": "mse" in parts,
         "float_target": next((float(p[2:] or 1) for p in parts if p.startswith("ft")), 0.0),
         "float_target_windows": next((int(p[2:]) for p in parts if p.startswith("fw")), None),
         "damp_percent": damp[0] if damp else 0.01,
+        "compute_dtype": "bfloat16" if "bf16" in parts else None,
     }
 
 
