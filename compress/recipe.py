@@ -100,8 +100,8 @@ class GPTQStage(QuantStage):
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
         description="dtype of the calibration forward's matrix products (autocast; default the model's "
-        "own): bfloat16 about halves a float32 model's forward on hardware with native bfloat16; "
-        "Hessians and the GPTQ sweep stay float32",
+        "own): bfloat16 about halves a float32 model's forward on hardware with native bfloat16 "
+        "(and the float target's drift products); Hessians and the GPTQ sweep stay float32",
     )
 
     @model_validator(mode="after")

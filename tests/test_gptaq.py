@@ -122,6 +122,25 @@ def test_cross_term_formed_in_a_spare_float_copy_is_the_same():
     assert torch.equal(plain.value(), spare.take()) and spare.sum is None
 
 
+def test_cross_term_in_bfloat16_products_is_the_float32_one_to_rounding():
+    """product_dtype: the drift term's products in bfloat16, summed in float32, from bfloat16 or
+    float32 inputs: the float32 term to within bfloat16's rounding (and not bit for bit)."""
+    _, x = correlated_problem(seed=3, tokens=512)
+    xq = drifted(x, 0.2, seed=4)
+    for dtype in (torch.float32, torch.bfloat16):
+        exact = CrossAccumulator(x.shape[1], x.device)
+        rounded = CrossAccumulator(x.shape[1], x.device, torch.bfloat16)
+        for start in range(0, 512, 128):
+            rows = slice(start, start + 128)
+            exact.add(xq[rows].to(dtype), x[rows].to(dtype))
+            rounded.add(xq[rows].to(dtype), x[rows].to(dtype))
+        assert rounded.sum.dtype == torch.float32
+        expected = exact.value()
+        error = ((rounded.value() - expected).norm() / expected.norm()).item()
+        assert 0 < error < 1e-2, (dtype, error)
+    assert CrossAccumulator(4, x.device, torch.float32).product_dtype is None
+
+
 def test_no_drift_leaves_the_weight_alone_and_bad_input_is_one_error():
     w, x = correlated_problem(seed=7)
     h = hessian_from_inputs(x)
