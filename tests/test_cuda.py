@@ -29,6 +29,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
     {},  # act-order static, true-sequential
     {"act_order": "g_idx", "symmetric": False},
     {"float_target": 0.25},  # the float walk runs on the device too
+    {"compute_dtype": "bfloat16"},  # the forward under autocast on both devices
+    {"float_target": 0.25, "compute_dtype": "bfloat16"},
 ])
 def test_gptq_stage_on_cuda_matches_cpu(options):
     options = dict(options)
