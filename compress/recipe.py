@@ -97,7 +97,7 @@ class GPTQStage(QuantStage):
         description="estimate the float target's drift term on only the first this many calibration windows "
         "(rounded up to whole batches; default all): the float forward costs that share of the windows",
     )
-    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+    compute_dtype: Literal["bfloat16", "float16"] | None = Field(
         None,
         description="dtype of the calibration forward's matrix products (autocast; default the model's "
         "own): bfloat16 about halves a float32 model's forward on hardware with native bfloat16 "

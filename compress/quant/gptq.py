@@ -780,12 +780,9 @@ class _StopLayer(Exception):
     pass
 
 
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
-COMPUTE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+# Lower precisions the calibration forward may run its products in (autocast only lowers precision).
+ComputeDtype = Literal["bfloat16", "float16"]
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _autocast(fn: Callable, device: torch.device, dtype: torch.dtype | None) -> Callable:
