@@ -100,7 +100,7 @@ class GPTQStage(QuantStage):
     compute_dtype: Literal["bfloat16", "float16"] | None = Field(
         None,
         description="dtype of the calibration forward's matrix products (autocast; default the model's "
-        "own): bfloat16 about halves a float32 model's forward on hardware with native bfloat16 "
+        "own): bfloat16 runs a float32 model's products 2-3x faster on hardware with native bfloat16 "
         "(and the float target's drift products); Hessians and the GPTQ sweep stay float32",
     )
 

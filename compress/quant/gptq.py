@@ -1071,7 +1071,7 @@ class GPTQStage(QuantizingStage):
         windows (rounded up to whole batches; None: all) and estimate the drift term from them; the
         Hessians still use every window. Cuts the float walk's time and memory in proportion.
         ``compute_dtype``: run the calibration forward's matrix products in this dtype (autocast;
-        None: the model's own). "bfloat16" about halves a float32 model's forward time where the
+        None: the model's own). "bfloat16" runs a float32 model's products 2-3x faster where the
         hardware multiplies bfloat16 natively (AVX512-BF16/AMX CPUs, tensor-core GPUs); the
         float target's drift term is multiplied in it too (summed in float32); the residual
         stream, the Hessians and the GPTQ sweep stay float32."""
@@ -1087,6 +1087,9 @@ class GPTQStage(QuantizingStage):
         if float_target_windows is not None and float_target_windows < 1:
             raise GPTQError(f"float_target_windows must be at least 1, got {float_target_windows}")
         self.float_target_windows = float_target_windows
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise GPTQError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        self.compute_dtype = COMPUTE_DTYPES[compute_dtype] if compute_dtype is not None else None
         # The float model's inputs of the next layer (float_target), and that layer's index.
         self._float_hidden: list[Tensor] | None = None
         self._float_hidden_layer: int | None = None
@@ -1099,9 +1102,6 @@ class GPTQStage(QuantizingStage):
         self._stepwise_ok: dict[type, bool] = {}
         # On a GPU, replay the sweep from CUDA graphs (captured once per block shape, reused over the run).
         self.cuda_graphs = True
-        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-            raise GPTQError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
-        self.compute_dtype = COMPUTE_DTYPES[compute_dtype] if compute_dtype is not None else None
         self._sweep_graphs = SweepGraphs()
         self.notes: list[str] = []
         self.losses: dict[str, float] = {}
